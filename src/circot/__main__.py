@@ -1,0 +1,5 @@
+import sys
+
+from circot.cli import main
+
+sys.exit(main())
