@@ -77,7 +77,7 @@ def parse_cot(text: str, require_emb: bool = False) -> CoT:
     problems: list[str] = []
     emb_at = text.find(EMB_TOKEN)
     if emb_at >= 0:
-        if text[emb_at + len(EMB_TOKEN):].strip():
+        if text[emb_at + len(EMB_TOKEN) :].strip():
             problems.append("text after <emb>")
         text = text[:emb_at]
     elif require_emb:
@@ -118,3 +118,121 @@ def query_instruction(text: str, mode: str) -> str:
     if mode == "fast":
         return QUERY_INSTRUCTION_FAST.format(text=text.strip())
     raise ValueError(f"mode must be 'full' or 'fast', not {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token-level helpers: the chat template, the prompts as the model sees them, and the <emb> rule.
+# --------------------------------------------------------------------------------------------------------------
+
+# Qwen-VL special tokens (the same strings as the Qwen2-VL / Qwen2.5-VL tokenizers), in id order.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+PAD_TOKEN = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+# Tokens after which generation stops even when no <emb> was written (the model ended its turn).
+STOP_TOKENS = (IM_END, PAD_TOKEN)
+SYSTEM_PROMPT = "You are a helpful assistant."
+EXTRACTION_RULES = ("at_emb", "before_emb")
+
+# The Qwen2-VL chat template (Jinja), shipped with every tokenizer circot saves. render_prompt() below writes the
+# same text directly (no Jinja at encode time); tests check that the two agree.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def render_prompt(instruction: str, n_image_tokens: int, system: str | None = SYSTEM_PROMPT) -> str:
+    """The full prompt text of one image + one instruction, up to and including the assistant header.
+
+    ``n_image_tokens``: how many ``<|image_pad|>`` placeholders the image takes (the vision tower's merged
+    patch count); 1 gives the un-expanded chat-template form.
+    """
+    head = f"{IM_START}system\n{system}{IM_END}\n" if system is not None else ""
+    image = VISION_START + IMAGE_PAD * n_image_tokens + VISION_END
+    return f"{head}{IM_START}user\n{image}{instruction}{IM_END}\n{IM_START}assistant\n"
+
+
+def chat_messages(instruction: str) -> list[dict[str, Any]]:
+    """The same prompt as chat messages (for ``apply_chat_template`` / OpenAI-style servers)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
+def prompt_instruction(mode: str, text: str | None = None) -> str:
+    """The user instruction for ``mode`` in ``gallery`` | ``fast`` | ``full``."""
+    if mode == "gallery":
+        return GALLERY_INSTRUCTION
+    if text is None:
+        raise ValueError(f"mode {mode!r} needs a modification text")
+    return query_instruction(text, mode)
+
+
+def answer_text(mode: str, cot: CoT | dict[str, str] | None = None) -> str:
+    """The assistant's answer that is embedded: ``<emb>`` (gallery, fast) or the CoT then ``<emb>`` (full)."""
+    if mode in ("gallery", "fast"):
+        return EMB_TOKEN
+    if mode == "full":
+        if cot is None:
+            raise ValueError("mode 'full' needs a CoT to format")
+        return format_cot(cot, with_emb=True)
+    raise ValueError(f"mode must be 'gallery', 'fast' or 'full', not {mode!r}")
+
+
+def close_with_emb(
+    generated: list[int], emb_id: int, stop_ids: tuple[int, ...] | list[int] = ()
+) -> list[int]:
+    """Cut generated token ids at the first ``<emb>`` (kept) or stop token (dropped); append ``<emb>`` if absent."""
+    out: list[int] = []
+    for tok in generated:
+        if tok == emb_id:
+            return out + [emb_id]
+        if tok in stop_ids:
+            break
+        out.append(tok)
+    return out + [emb_id]
+
+
+def locate_emb(input_ids: Any, attention_mask: Any, emb_id: int, rule: str = "at_emb") -> Any:
+    """Index, per row, of the position whose last-layer hidden state is the embedding.
+
+    ``input_ids``, ``attention_mask``: (b, L) torch tensors (left or right padding). The position is the last
+    ``<emb>`` of each row (``rule="at_emb"``) or the one just before it (``"before_emb"``). Raises ValueError
+    when a row has no ``<emb>``. Returns a (b,) long tensor.
+    """
+    import torch
+
+    if rule not in EXTRACTION_RULES:
+        raise ValueError(f"extraction rule must be one of {EXTRACTION_RULES}, not {rule!r}")
+    hits = (input_ids == emb_id) & attention_mask.bool()
+    if not bool(hits.any(dim=1).all()):
+        raise ValueError("a sequence has no <emb> token to embed at")
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    pos = torch.where(hits, idx, -1).max(dim=1).values
+    return pos - 1 if rule == "before_emb" else pos

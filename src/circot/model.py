@@ -1,0 +1,892 @@
+"""CIRCoT: a Qwen-VL model that writes caption → reasoning → conclusion, then embeds at ``<emb>``.
+
+Inference API (sentence-transformers style)::
+
+    model = CIRCoT.from_pretrained(None)                      # the shipped tiny shapes model
+    g = model.encode_images(paths)                            # (n, d) float32, L2-normalised
+    q, cots = model.encode_queries(refs, texts, mode="full", return_reasoning=True)
+
+Training API: :meth:`CIRCoT.build_batch` turns images/texts/CoTs into tensors (labels on the CoT answer);
+:meth:`CIRCoT.embed_batch` (also ``forward``) returns differentiable embeddings and logits.
+
+Every embedding — gallery, fast, full, training, generated or given CoT — goes through one function,
+:meth:`CIRCoT.extract_embedding`, which applies the ``<emb>`` rule of :func:`circot.prompts.locate_emb`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from circot import prompts
+from circot.config import CONFIG_NAME, CIRCoTConfig, LoRASettings
+from circot.errors import CircotError, ConfigError
+from circot.processing import CIRCoTProcessor, ImageLike, ImagePreprocessor, make_image_processor
+from circot.prompts import CoT
+from circot.tokenizer import add_circot_tokens, token_id, train_bpe_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "shapes-tiny"
+IGNORE_INDEX = -100
+MODES = ("gallery", "fast", "full")
+
+# transformers class per model_type. Qwen3-VL feeds deep-stack visual features inside its own forward, which
+# circot's generation loop does not replicate, so it is not supported yet.
+_MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
+
+# The tiny default: text hidden 128, 4 layers, 4 heads; vision depth 2, width 128, patch 14, merge 2
+# (16 image tokens at 112 px). Any key can be overridden through CIRCoT.tiny(**overrides).
+TINY_DEFAULTS: dict[str, Any] = {
+    "model_type": "qwen2_vl",
+    "vocab_size": 1024,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "vision_depth": 2,
+    "vision_embed_dim": 128,
+    "vision_num_heads": 4,
+    "vision_mlp_ratio": 4,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
+def default_model_path() -> Path:
+    """Where the shipped tiny shapes model lives inside the package."""
+    return Path(str(importlib.resources.files("circot"))) / "assets" / DEFAULT_MODEL
+
+
+def _model_class(model_type: str) -> type:
+    import transformers
+
+    if model_type not in _MODEL_CLASSES:
+        raise CircotError(
+            f"model type {model_type!r} is not supported (supported: {', '.join(sorted(_MODEL_CLASSES))})"
+        )
+    return getattr(transformers, _MODEL_CLASSES[model_type])
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies into (temporal, height, width) like Qwen's [16, 24, 24] for 128."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def tiny_hf_config(vocab_size: int, token_ids: dict[str, int], **overrides: Any) -> Any:
+    """A small ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` built from :data:`TINY_DEFAULTS` and ``overrides``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    o = {**TINY_DEFAULTS, **overrides}
+    unknown = sorted(set(overrides) - set(TINY_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown tiny model option(s): {', '.join(unknown)}")
+    head_dim = o["hidden_size"] // o["num_attention_heads"]
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": o["hidden_size"],
+        "intermediate_size": o["intermediate_size"],
+        "num_hidden_layers": o["num_hidden_layers"],
+        "num_attention_heads": o["num_attention_heads"],
+        "num_key_value_heads": o["num_key_value_heads"],
+        "max_position_embeddings": o["max_position_embeddings"],
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": o["rope_theta"],
+            "mrope_section": _mrope_section(head_dim),
+        },
+        "bos_token_id": token_ids[prompts.PAD_TOKEN],
+        "eos_token_id": token_ids[prompts.IM_END],
+        "pad_token_id": token_ids[prompts.PAD_TOKEN],
+    }
+    common = {
+        "image_token_id": token_ids[prompts.IMAGE_PAD],
+        "video_token_id": token_ids["<|video_pad|>"],
+        "vision_start_token_id": token_ids[prompts.VISION_START],
+        "vision_end_token_id": token_ids[prompts.VISION_END],
+        "tie_word_embeddings": o["tie_word_embeddings"],
+    }
+    vision_common = {
+        "depth": o["vision_depth"],
+        "num_heads": o["vision_num_heads"],
+        "patch_size": o["patch_size"],
+        "spatial_merge_size": o["spatial_merge_size"],
+        "temporal_patch_size": o["temporal_patch_size"],
+    }
+    if o["model_type"] == "qwen2_vl":
+        vision = {
+            **vision_common,
+            "embed_dim": o["vision_embed_dim"],
+            "hidden_size": o["hidden_size"],
+            "mlp_ratio": o["vision_mlp_ratio"],
+        }
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
+    if o["model_type"] == "qwen2_5_vl":
+        vision = {
+            **vision_common,
+            "hidden_size": o["vision_embed_dim"],
+            "intermediate_size": o["vision_embed_dim"] * o["vision_mlp_ratio"],
+            "out_hidden_size": o["hidden_size"],
+            "window_size": o["patch_size"] * o["spatial_merge_size"] * 2,
+            "fullatt_block_indexes": [o["vision_depth"] - 1],
+        }
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
+    raise ConfigError(f"tiny model_type must be 'qwen2_vl' or 'qwen2_5_vl', got {o['model_type']!r}")
+
+
+@dataclass
+class _Seqs:
+    """Left-padded token sequences of one batch, with their images."""
+
+    input_ids: torch.Tensor  # (b, L)
+    attention_mask: torch.Tensor  # (b, L)
+    position_ids: torch.Tensor  # (3, b, L) multimodal rotary positions
+    labels: torch.Tensor | None  # (b, L)
+
+
+class CIRCoT(nn.Module):
+    """A CIR-CoT retrieval model around a Qwen2-VL / Qwen2.5-VL ``...ForConditionalGeneration``.
+
+    ``model``: the transformers model (possibly wrapped by peft); ``tokenizer``: a fast tokenizer that knows
+    circot's tags; ``image_processor``: a ``Qwen2VLImageProcessorPil``. Prefer :meth:`from_pretrained` and
+    :meth:`tiny` over calling this directly.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, config: CIRCoTConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.images = ImagePreprocessor(image_processor)
+        self.emb_token_id = token_id(tokenizer, config.emb_token)
+        self.pad_token_id = token_id(tokenizer, prompts.PAD_TOKEN)
+        self.image_token_id = token_id(tokenizer, prompts.IMAGE_PAD)
+        self.stop_token_ids = tuple(token_id(tokenizer, t) for t in prompts.STOP_TOKENS)
+        self._fingerprint: tuple[int, str] | None = None
+        changed = config.check_prompts()
+        if changed:
+            logger.warning("this model was saved with different prompt strings (%s)", ", ".join(changed))
+        if config.gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def tiny(
+        cls,
+        tokenizer_corpus: Iterable[str] | None = None,
+        image_size: int = 112,
+        seed: int = 0,
+        vocab_size: int | None = None,
+        **overrides: Any,
+    ) -> CIRCoT:
+        """A random tiny Qwen2-VL (or ``model_type="qwen2_5_vl"``) with a BPE tokenizer trained on a corpus.
+
+        ``tokenizer_corpus`` defaults to the shapes world's :func:`circot.data.shapes.corpus`. ``overrides``: keys
+        of :data:`TINY_DEFAULTS` (architecture) or fields of :class:`CIRCoTConfig`. Images are resized to a fixed
+        ``image_size``² pixels (16 image tokens at 112 px with patch 14, merge 2).
+        """
+        from dataclasses import fields
+
+        cfg_names = {f.name for f in fields(CIRCoTConfig)}
+        cfg_over = {k: v for k, v in overrides.items() if k in cfg_names and k != "model_type"}
+        arch_over = {k: v for k, v in overrides.items() if k not in cfg_over}
+        if tokenizer_corpus is None:
+            try:
+                from circot.data.shapes import corpus as shapes_corpus
+            except ImportError:
+                raise CircotError(
+                    "no tokenizer corpus given and circot.data.shapes.corpus is unavailable"
+                ) from None
+            tokenizer_corpus = shapes_corpus()
+        arch = {**TINY_DEFAULTS, **arch_over}
+        tokenizer = train_bpe_tokenizer(tokenizer_corpus, vocab_size=vocab_size or arch["vocab_size"])
+        ids = tokenizer.get_vocab()
+        hf_config = tiny_hf_config(len(tokenizer), ids, **arch_over)
+        torch.manual_seed(seed)
+        model = _model_class(arch["model_type"])(hf_config)
+        model.eval()
+        pixels = image_size * image_size
+        config = CIRCoTConfig(
+            base_model="tiny", model_type=arch["model_type"], min_pixels=pixels, max_pixels=pixels, **cfg_over
+        )
+        image_processor = make_image_processor(
+            pixels, pixels, arch["patch_size"], arch["spatial_merge_size"], arch["temporal_patch_size"]
+        )
+        return cls(model, tokenizer, image_processor, config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        config: CIRCoTConfig | None = None,
+        **overrides: Any,
+    ) -> CIRCoT:
+        """Load a circot model directory, or start from a Qwen2-VL / Qwen2.5-VL checkpoint (hub id or path).
+
+        ``None`` or ``"shapes-tiny"``: the tiny shapes model shipped in the package. A circot directory (with
+        ``circot_config.json``) holds full weights or a LoRA adapter over ``base_model``. A plain checkpoint gets
+        circot's tokens added (embeddings resized) and a new config (``config`` / ``overrides``, e.g.
+        ``lora=LoRASettings()``). ``dtype``: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype.
+        """
+        torch_dtype = _resolve_dtype(dtype)
+        if id_or_path is None or str(id_or_path) == DEFAULT_MODEL:
+            path = default_model_path()
+            if not (path / CONFIG_NAME).is_file():
+                raise CircotError(
+                    f"the shipped model {DEFAULT_MODEL!r} is missing ({path}); train it with `circot train` "
+                    "or pass a model directory"
+                )
+            id_or_path = path
+        path = Path(id_or_path)
+        if (path / CONFIG_NAME).is_file():
+            model = cls._load_circot_dir(path, torch_dtype, config, overrides)
+        elif path.exists() and not (path / "config.json").is_file():
+            raise CircotError(f"{path}: not a model directory (no {CONFIG_NAME} or config.json)")
+        else:
+            model = cls._load_base(str(id_or_path), torch_dtype, config, overrides)
+        return model.to(device)
+
+    @classmethod
+    def _load_circot_dir(
+        cls, path: Path, dtype: torch.dtype | None, config: CIRCoTConfig | None, overrides: dict[str, Any]
+    ) -> CIRCoT:
+        from transformers import AutoTokenizer
+
+        saved = CIRCoTConfig.load(path)
+        cfg = config or saved
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        add_circot_tokens(tokenizer)
+        image_processor = _load_image_processor(path)
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = _load_hf_model(saved.base_model, dtype)
+            _resize_for_tokenizer(base, tokenizer)
+            peft_model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
+            peft_model.eval()
+            return cls(peft_model, tokenizer, image_processor, cfg)
+        hf = _load_hf_model(str(path), dtype)
+        hf.eval()
+        self = cls(hf, tokenizer, image_processor, cfg)
+        if cfg.lora is not None:
+            self.enable_lora(cfg.lora)
+        return self
+
+    @classmethod
+    def _load_base(
+        cls,
+        id_or_path: str,
+        dtype: torch.dtype | None,
+        config: CIRCoTConfig | None,
+        overrides: dict[str, Any],
+    ) -> CIRCoT:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(id_or_path)
+        except (OSError, ValueError) as exc:
+            raise CircotError(f"{id_or_path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
+        hf = _load_hf_model(id_or_path, dtype)
+        new = [t for t in prompts.SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+        added = add_circot_tokens(tokenizer)
+        _resize_for_tokenizer(hf, tokenizer, init_new=[token_id(tokenizer, t) for t in new])
+        logger.info("added %d tokens to %s", added, id_or_path)
+        cfg = (config or CIRCoTConfig()).replace(
+            base_model=id_or_path, model_type=hf.config.model_type, **overrides
+        )
+        image_processor = _load_image_processor(id_or_path, cfg.min_pixels, cfg.max_pixels)
+        hf.eval()
+        self = cls(hf, tokenizer, image_processor, cfg)
+        if cfg.lora is not None:
+            self.enable_lora(cfg.lora)
+        return self
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hf(self) -> nn.Module:
+        """The transformers ``...ForConditionalGeneration`` (under peft, its base model with LoRA layers)."""
+        return self.model.get_base_model() if self.is_lora else self.model
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.hf.config.text_config.hidden_size)
+
+    @property
+    def processor(self) -> CIRCoTProcessor:
+        """A transformers processor (image processor + tokenizer) equivalent to what this model uses."""
+        return CIRCoTProcessor(
+            self.images.image_processor, self.tokenizer, chat_template=prompts.CHAT_TEMPLATE
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of the config and the weights (recomputed only after the weights change)."""
+        version = sum(p._version for p in self.model.parameters())
+        if self._fingerprint is not None and self._fingerprint[0] == version:
+            return self._fingerprint[1]
+        h = hashlib.sha256()
+        cfg = self.config.to_dict()
+        h.update(json.dumps(cfg, sort_keys=True).encode())
+        h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest = h.hexdigest()[:16]
+        self._fingerprint = (version, digest)
+        return digest
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------------ training switches
+    def enable_lora(self, settings: LoRASettings | None = None) -> None:
+        """Wrap the language model's linear layers with LoRA; circot's token rows stay trainable (and saved)."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.is_lora:
+            return
+        settings = settings or self.config.lora or LoRASettings()
+        names = "|".join(settings.target_modules)
+        token_ids = [token_id(self.tokenizer, t) for t in prompts.SPECIAL_TOKENS]
+        tied = bool(getattr(self.hf.config, "tie_word_embeddings", False))
+        trainable = {"embed_tokens": token_ids} if tied else {"embed_tokens": token_ids, "lm_head": token_ids}
+        lora_config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=rf".*language_model.*\.({names})",
+            trainable_token_indices=trainable,
+        )
+        self.model = get_peft_model(self.model, lora_config)
+        self.config.lora = settings
+        self._fingerprint = None
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory in training (no effect in eval mode)."""
+        if enabled:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.is_lora:
+                self.hf.enable_input_require_grads()
+        else:
+            self.hf.gradient_checkpointing_disable()
+        self.config.gradient_checkpointing = enabled
+
+    # ------------------------------------------------------------------ token sequences
+    def _prompt_ids(
+        self, mode: str, texts: Sequence[str | None], n_image_tokens: list[int]
+    ) -> list[list[int]]:
+        strings = [
+            prompts.render_prompt(prompts.prompt_instruction(mode, t), n, self.config.system_prompt)
+            for t, n in zip(texts, n_image_tokens, strict=True)
+        ]
+        return self.tokenizer(strings, add_special_tokens=False)["input_ids"]
+
+    def _answer_ids(self, cots: Sequence[CoT | dict[str, str]]) -> list[list[int]]:
+        """Token ids of the CoT answers, without ``<emb>`` (the caller appends the token itself)."""
+        strings = [prompts.format_cot(c, with_emb=False) for c in cots]
+        return self.tokenizer(strings, add_special_tokens=False)["input_ids"]
+
+    def _pad(
+        self, seqs: list[list[int]], grids: torch.Tensor, label_from: list[int | None] | None = None
+    ) -> _Seqs:
+        """Left-pad sequences; positions come from the model's multimodal rotary index."""
+        length = max(len(s) for s in seqs)
+        b = len(seqs)
+        ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b, length), dtype=torch.long)
+        labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long) if label_from is not None else None
+        for i, s in enumerate(seqs):
+            ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+            if labels is not None and label_from[i] is not None:
+                start = length - len(s) + label_from[i]
+                labels[i, start:] = ids[i, start:]
+        positions = self._rope_index(ids, mask, grids)
+        return _Seqs(ids, mask, positions, labels)
+
+    def _rope_index(self, ids: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        mm_types = (ids == self.image_token_id).to(torch.int)
+        positions, _ = self.hf.model.get_rope_index(
+            input_ids=ids, mm_token_type_ids=mm_types, image_grid_thw=grids, attention_mask=mask
+        )
+        return positions
+
+    # ------------------------------------------------------------------ training-facing
+    def build_batch(
+        self,
+        images: Sequence[ImageLike],
+        texts: Sequence[str] | None = None,
+        cots: Sequence[CoT | dict[str, str]] | None = None,
+        mode: str = "gallery",
+    ) -> dict[str, torch.Tensor]:
+        """Tensors for :meth:`embed_batch` (on CPU; embed_batch moves them to the model's device).
+
+        ``mode="gallery"``: image + gallery instruction, answered by ``<emb>``. ``"fast"``: reference + text,
+        answered by ``<emb>``. ``"full"``: reference + text, answered by the given CoT then ``<emb>``; ``labels``
+        hold the answer tokens (the CoT and the closing ``<emb>``, which teaches the model to stop) and -100
+        elsewhere. Keys: input_ids, attention_mask, position_ids (3, b, L), pixel_values, image_grid_thw, labels.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        n = len(images)
+        if mode != "gallery" and (texts is None or len(texts) != n):
+            raise ValueError(f"mode {mode!r} needs one text per image")
+        if mode == "full" and (cots is None or len(cots) != n):
+            raise ValueError("mode 'full' needs one CoT per image (generate with encode_queries instead)")
+        pixels, grids = self.images(images)
+        n_img = self.images.n_tokens(grids)
+        prompt_ids = self._prompt_ids(mode, texts if texts is not None else [None] * n, n_img)
+        if mode == "full":
+            answers = [a + [self.emb_token_id] for a in self._answer_ids(cots)]  # type: ignore[arg-type]
+            seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]
+            seq = self._pad(seqs, grids, label_from=[len(p) for p in prompt_ids])
+        else:
+            seqs = [p + [self.emb_token_id] for p in prompt_ids]
+            seq = self._pad(seqs, grids, label_from=[None] * n)
+        return {
+            "input_ids": seq.input_ids,
+            "attention_mask": seq.attention_mask,
+            "position_ids": seq.position_ids,
+            "pixel_values": pixels,
+            "image_grid_thw": grids,
+            "labels": seq.labels,  # type: ignore[dict-item]
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.embed_batch(batch)
+
+    def embed_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Differentiable embeddings ``(b, d)`` (L2-normalised if the config says so) and the logits.
+
+        Logits ``(b, L, V)`` aligned with ``batch["labels"]`` (shift them for next-token CE) are computed only
+        when some label is not -100; otherwise None.
+        """
+        dev = self.device
+        b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        image_out = self._image_features(b["pixel_values"], b["image_grid_thw"])
+        hidden = self._hidden(b["input_ids"], b["attention_mask"], b["position_ids"], image_out)
+        emb = self.extract_embedding(hidden, b["input_ids"], b["attention_mask"])
+        logits = None
+        labels = b.get("labels")
+        if labels is not None and bool((labels != IGNORE_INDEX).any()):
+            logits = self.hf.lm_head(hidden)
+        return emb, logits
+
+    def extract_embedding(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """THE embedding rule: last-layer hidden state at (or just before) each row's last ``<emb>``."""
+        pos = prompts.locate_emb(input_ids, attention_mask, self.emb_token_id, self.config.extraction)
+        emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
+        return F.normalize(emb.float(), dim=-1) if self.config.normalize else emb.float()
+
+    # ------------------------------------------------------------------ forward pieces
+    def _image_features(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> Any:
+        return self.hf.model.get_image_features(pixel_values.to(self.dtype), grids, return_dict=True)
+
+    def _lm(
+        self, input_ids, attention_mask, position_ids, image_out=None, cache=None, use_cache=False
+    ) -> Any:
+        return self.hf.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            mm_encoder_outputs={"image": image_out} if image_out is not None else None,
+            cache=cache,
+            use_cache=use_cache,
+        )
+
+    def _hidden(self, input_ids, attention_mask, position_ids, image_out) -> torch.Tensor:
+        return self._lm(input_ids, attention_mask, position_ids, image_out).last_hidden_state
+
+    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.config.do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.config.sampling_temperature, dim=-1)
+        if self.config.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < self.config.top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1).squeeze(-1)
+
+    def _decode_steps(self, seq: _Seqs, image_out: Any, max_new: int) -> Iterator[torch.Tensor]:
+        """Greedy (or sampled) decoding with the KV cache; yields the (b,) next tokens until all rows stop."""
+        dev = self.device
+        ids, mask, pos = seq.input_ids.to(dev), seq.attention_mask.to(dev), seq.position_ids.to(dev)
+        out = self._lm(ids, mask, pos, image_out, use_cache=True)
+        cache, hidden = out.cache, out.last_hidden_state[:, -1]
+        next_pos = pos.amax(dim=(0, 2)) + 1  # (b,)
+        stops = torch.tensor((self.emb_token_id, *self.stop_token_ids), device=dev)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
+        ones = torch.ones((ids.shape[0], 1), dtype=mask.dtype, device=dev)
+        for step in range(max_new):
+            token = self._next_token(self.hf.lm_head(hidden))
+            token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
+            yield token
+            done = done | torch.isin(token, stops)
+            if bool(done.all()) or step == max_new - 1:
+                return
+            mask = torch.cat([mask, ones], dim=1)
+            step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
+            out = self._lm(token[:, None], mask, step_pos, cache=cache, use_cache=True)
+            cache, hidden = out.cache, out.last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def _encode_query_batch(
+        self,
+        images: Sequence[ImageLike],
+        texts: Sequence[str],
+        mode: str,
+        cots: Sequence[CoT | dict[str, str] | None] | None,
+        embed: bool = True,
+    ) -> tuple[np.ndarray | None, list[CoT | None]]:
+        n = len(images)
+        pixels, grids = self.images(images)
+        image_out = self._image_features(pixels.to(self.device), grids.to(self.device))
+        n_img = self.images.n_tokens(grids)
+        if mode == "fast":
+            prompt_ids = self._prompt_ids("fast", texts, n_img)
+            seqs = [p + [self.emb_token_id] for p in prompt_ids]
+            parsed: list[CoT | None] = [None] * n
+        else:
+            prompt_ids = self._prompt_ids("full", texts, n_img)
+            answers: list[list[int] | None] = [None] * n
+            parsed = [None] * n
+            given = [i for i in range(n) if cots is not None and cots[i] is not None]
+            if given:
+                ans = self._answer_ids([cots[i] for i in given])  # type: ignore[index,misc]
+                for i, a in zip(given, ans, strict=True):
+                    answers[i] = a + [self.emb_token_id]
+                    c = cots[i]  # type: ignore[index]
+                    parsed[i] = prompts.parse_cot(prompts.format_cot(c)) if isinstance(c, dict) else c
+            todo = [i for i in range(n) if answers[i] is None]
+            if todo:
+                gen_seq = self._pad([prompt_ids[i] for i in todo], grids[todo])
+                sub_out = _select_images(image_out, todo) if len(todo) < n else image_out
+                steps = list(self._decode_steps(gen_seq, sub_out, self.config.max_cot_tokens))
+                generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in todo]
+                for i, g in zip(todo, generated, strict=True):
+                    answers[i] = prompts.close_with_emb(g, self.emb_token_id, self.stop_token_ids)
+                    emitted = _cut_at(g, self.emb_token_id, self.stop_token_ids)
+                    text = self.tokenizer.decode(emitted, skip_special_tokens=False)
+                    parsed[i] = prompts.parse_cot(text, require_emb=True)
+            seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]  # type: ignore[operator]
+        if not embed:
+            return None, parsed
+        seq = self._pad(seqs, grids)
+        dev = self.device
+        ids, mask = seq.input_ids.to(dev), seq.attention_mask.to(dev)
+        hidden = self._hidden(ids, mask, seq.position_ids.to(dev), image_out)
+        emb = self.extract_embedding(hidden, ids, mask)
+        return emb.cpu().numpy().astype(np.float32, copy=False), parsed
+
+    def encode_images(
+        self, images: Sequence[ImageLike], batch_size: int = 32, show_progress_bar: bool = False
+    ) -> np.ndarray:
+        """Gallery embeddings: float32 ``(n, d)``, L2-normalised (when the config normalises)."""
+        out = np.zeros((len(images), self.embedding_dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in _progress(range(0, len(images), batch_size), show_progress_bar, "images"):
+                batch = self.build_batch(images[start : start + batch_size], mode="gallery")
+                emb, _ = self.embed_batch(batch)
+                out[start : start + len(emb)] = emb.cpu().numpy()
+        return out
+
+    def encode_queries(
+        self,
+        images: Sequence[ImageLike],
+        texts: Sequence[str],
+        mode: str = "full",
+        batch_size: int = 16,
+        return_reasoning: bool = False,
+        cots: Sequence[CoT | dict[str, str] | None] | None = None,
+        show_progress_bar: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, list[CoT | None]]:
+        """Query embeddings ``(n, d)`` float32 from reference images and modification texts.
+
+        ``mode="full"``: generate caption → reasoning → conclusion (batched, left-padded, KV cache, stops at
+        ``<emb>``; ``<emb>`` is appended if never written), then embed prompt + CoT + ``<emb>`` in one forward.
+        ``mode="fast"``: embed directly. ``cots``: embed from these CoTs instead of generating (entries that are
+        None are generated). ``return_reasoning``: also return the parsed CoT per query (None in fast mode).
+        """
+        if mode not in ("full", "fast"):
+            raise CircotError(f"mode must be 'full' or 'fast', not {mode!r}")
+        if len(images) != len(texts):
+            raise CircotError(f"{len(images)} images but {len(texts)} texts")
+        if cots is not None and len(cots) != len(texts):
+            raise CircotError(f"{len(cots)} CoTs for {len(texts)} queries")
+        out = np.zeros((len(images), self.embedding_dim), dtype=np.float32)
+        reasoning: list[CoT | None] = []
+        for start in _progress(range(0, len(images), batch_size), show_progress_bar, "queries"):
+            stop = start + batch_size
+            emb, parsed = self._encode_query_batch(
+                images[start:stop], texts[start:stop], mode, cots[start:stop] if cots is not None else None
+            )
+            out[start : start + len(parsed)] = emb
+            reasoning.extend(parsed)
+        return (out, reasoning) if return_reasoning else out
+
+    def generate_reasoning(
+        self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 16
+    ) -> list[CoT]:
+        """The parsed CoT of each query (no embedding pass)."""
+        if len(images) != len(texts):
+            raise CircotError(f"{len(images)} images but {len(texts)} texts")
+        result: list[CoT] = []
+        for start in range(0, len(images), batch_size):
+            _, parsed = self._encode_query_batch(
+                images[start : start + batch_size],
+                texts[start : start + batch_size],
+                "full",
+                None,
+                embed=False,
+            )
+            result.extend(parsed)  # type: ignore[arg-type]
+        return result
+
+    def stream_reasoning(self, image: ImageLike, text: str) -> Iterator[str]:
+        """Yield the CoT text piece by piece as it is generated (ends before ``<emb>``)."""
+        with torch.inference_mode():
+            pixels, grids = self.images([image])
+            image_out = self._image_features(pixels.to(self.device), grids.to(self.device))
+            prompt_ids = self._prompt_ids("full", [text], self.images.n_tokens(grids))
+            seq = self._pad(prompt_ids, grids)
+            tokens: list[int] = []
+            sent = ""
+            for token in self._decode_steps(seq, image_out, self.config.max_cot_tokens):
+                t = int(token[0])
+                if t == self.emb_token_id or t in self.stop_token_ids:
+                    break
+                tokens.append(t)
+                text_so_far = self.tokenizer.decode(tokens, skip_special_tokens=False)
+                if text_so_far.endswith("\ufffd"):  # an incomplete multi-byte character
+                    continue
+                if len(text_so_far) > len(sent):
+                    yield text_so_far[len(sent) :]
+                    sent = text_so_far
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory: str | Path, results: dict[str, Any] | None = None) -> Path:
+        """Write a self-describing model directory atomically.
+
+        Contents: ``circot_config.json`` (with library versions), ``config.json`` + ``model.safetensors`` (full
+        weights) or ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA + circot token rows), tokenizer
+        and image-processor files, and a ``README.md`` model card (``results``: metrics to list in it).
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.model.save_pretrained(str(tmp))
+            self.processor.save_pretrained(str(tmp))
+            self.config.save(tmp / CONFIG_NAME, extra={"versions": _versions()})
+            (tmp / "README.md").write_text(self.model_card(results), encoding="utf-8")
+            old = None
+            if directory.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+                os.replace(directory, old / "x")
+            os.replace(tmp, directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("saved model to %s", directory)
+        return directory
+
+    def model_card(self, results: dict[str, Any] | None = None) -> str:
+        """The README.md of a saved model."""
+        cfg = self.config
+        hf_cfg = self.hf.config
+        text_cfg, vis_cfg = hf_cfg.text_config, hf_cfg.vision_config
+        lines = [
+            "---",
+            "library_name: circot",
+            "tags: [composed-image-retrieval, chain-of-thought, qwen2-vl]",
+            "---",
+            "",
+            "# CIR-CoT model",
+            "",
+            "A composed image retrieval model: given a reference image and a modification text it writes",
+            "`<caption>…</caption><reasoning>…</reasoning><conclusion>…</conclusion>` and then `<emb>`, whose",
+            "last-layer hidden state is the query embedding. Gallery images are embedded by answering `<emb>` to",
+            f'"{cfg.gallery_instruction}".',
+            "",
+            "## Usage",
+            "",
+            "```python",
+            "from circot.model import CIRCoT",
+            "model = CIRCoT.from_pretrained('path/to/this/folder')",
+            "gallery = model.encode_images(image_paths)",
+            "queries, cots = model.encode_queries(reference_paths, texts, mode='full', return_reasoning=True)",
+            "scores = queries @ gallery.T",
+            "```",
+            "",
+            "## Model",
+            "",
+            f"- base: `{cfg.base_model}` ({hf_cfg.model_type}); weights: {'LoRA adapter' if self.is_lora else 'full'}",
+            f"- parameters: {self.num_parameters():,}; embedding dim: {self.embedding_dim}",
+            f"- text: hidden {text_cfg.hidden_size}, {text_cfg.num_hidden_layers} layers, "
+            f"{text_cfg.num_attention_heads} heads; vocabulary {len(self.tokenizer)}",
+            f"- vision: depth {vis_cfg.depth}, patch {vis_cfg.patch_size}, merge {vis_cfg.spatial_merge_size}; "
+            f"pixels {cfg.min_pixels}–{cfg.max_pixels}",
+            f"- embedding: {cfg.extraction}, normalised: {cfg.normalize}, temperature {cfg.temperature}",
+            f"- max CoT tokens: {cfg.max_cot_tokens}; sampling: {cfg.do_sample}; prompt version {cfg.prompt_version}",
+            f"- fingerprint: `{self.fingerprint}`",
+            "",
+        ]
+        if results:
+            lines += ["## Results", "", "| metric | value |", "|---|---|"]
+            for k, v in results.items():
+                lines.append(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |")
+            lines.append("")
+        lines += ["## Versions", ""] + [f"- {k}: {v}" for k, v in _versions().items()] + [""]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _cut_at(generated: list[int], emb_id: int, stop_ids: Sequence[int]) -> list[int]:
+    """Generated ids up to the first ``<emb>`` (kept) or stop token (dropped)."""
+    for i, t in enumerate(generated):
+        if t == emb_id:
+            return generated[: i + 1]
+        if t in stop_ids:
+            return generated[:i]
+    return generated
+
+
+def _select_images(image_out: Any, rows: list[int]) -> Any:
+    """The vision outputs of some images of a batch (pooler_output is a per-image tuple)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=tuple(image_out.pooler_output[i] for i in rows))
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+    if dtype not in names:
+        raise CircotError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def _load_hf_model(id_or_path: str, dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(id_or_path)
+    except (OSError, ValueError) as exc:
+        raise CircotError(f"{id_or_path}: cannot load a model config ({str(exc).splitlines()[0]})") from None
+    cls = _model_class(hf_config.model_type)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(id_or_path, **kwargs)
+
+
+def _load_image_processor(
+    path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    kwargs: dict[str, Any] = {}
+    if min_pixels is not None:
+        kwargs["min_pixels"] = min_pixels
+    if max_pixels is not None:
+        kwargs["max_pixels"] = max_pixels
+    try:
+        return Qwen2VLImageProcessorPil.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CircotError(f"{path}: cannot load the image processor ({str(exc).splitlines()[0]})") from None
+
+
+def _resize_for_tokenizer(hf: nn.Module, tokenizer: Any, init_new: list[int] | None = None) -> None:
+    """Grow the embeddings (and an untied LM head) to the tokenizer; new circot rows start at the mean row."""
+    emb = hf.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if len(tokenizer) > old:
+        hf.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if not init_new:
+        return
+    with torch.no_grad():
+        for layer in (hf.get_input_embeddings(), hf.get_output_embeddings()):
+            if layer is None:
+                continue
+            w = layer.weight
+            mean = w[: min(old, w.shape[0])].float().mean(0).to(w.dtype)
+            for i in init_new:
+                w[i] = mean
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import circot
+
+    out = {"circot": circot.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+
+        out["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _progress(it: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc)

@@ -1,0 +1,108 @@
+"""Tokenizers: a small byte-level BPE trained on a corpus (the tiny model's), and the special-token setup shared
+with real Qwen-VL tokenizers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from circot import prompts
+
+logger = logging.getLogger(__name__)
+
+# Always in the tiny tokenizer's training text, so that any corpus yields the words of our prompts.
+_PROMPT_TEXT = [
+    prompts.SYSTEM_PROMPT,
+    prompts.GALLERY_INSTRUCTION,
+    prompts.QUERY_INSTRUCTION_FULL.format(text=""),
+    prompts.QUERY_INSTRUCTION_FAST.format(text=""),
+    "system user assistant",
+]
+
+
+def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Any:
+    """Train a byte-level BPE on ``corpus`` and wrap it as a Qwen-style ``PreTrainedTokenizerFast``.
+
+    The Qwen special tokens (``<|endoftext|>``, ``<|im_start|>`` … ``<|video_pad|>``) take ids 0–13 and circot's
+    tags (``<emb>``, ``<caption>`` …) follow; all are atomic special tokens. The tokenizer carries the Qwen chat
+    template. Byte-level: any text encodes, none is ``unk``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = prompts.QWEN_SPECIAL_TOKENS + prompts.SPECIAL_TOKENS
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+    def texts() -> Iterable[str]:
+        for _ in range(max(min_frequency, 1)):  # the prompt words always become tokens
+            yield from _PROMPT_TEXT
+        n = 0
+        for text in corpus:
+            n += 1
+            yield text
+        if n == 0:
+            raise ValueError("the tokenizer corpus is empty")
+
+    tok.train_from_iterator(texts(), trainer=trainer)
+    logger.info("trained a BPE tokenizer with %d tokens", tok.get_vocab_size())
+    return wrap_tokenizer(tok)
+
+
+def wrap_tokenizer(tok: Any) -> Any:
+    """Wrap a ``tokenizers.Tokenizer`` as a ``PreTrainedTokenizerFast`` with Qwen's conventions."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=prompts.IM_END,
+        pad_token=prompts.PAD_TOKEN,
+        padding_side="left",
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+        chat_template=prompts.CHAT_TEMPLATE,
+    )
+    add_circot_tokens(fast)
+    return fast
+
+
+def add_circot_tokens(tokenizer: Any) -> int:
+    """Make sure the Qwen special tokens and circot's tags are atomic special tokens; returns how many were new.
+
+    Also sets left padding (generation) and the Qwen chat template when the tokenizer has none.
+    """
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in prompts.QWEN_SPECIAL_TOKENS + prompts.SPECIAL_TOKENS if t not in vocab]
+    # tokens already in the vocabulary must still be registered as special (never split, kept whole)
+    tokens = [AddedToken(t, special=True, normalized=False) for t in prompts.SPECIAL_TOKENS]
+    tokenizer.add_tokens(tokens, special_tokens=True)
+    if missing:
+        extra = [
+            AddedToken(t, special=True, normalized=False) for t in missing if t not in prompts.SPECIAL_TOKENS
+        ]
+        if extra:
+            tokenizer.add_tokens(extra, special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = prompts.PAD_TOKEN
+    tokenizer.padding_side = "left"
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = prompts.CHAT_TEMPLATE
+    return len(missing)
+
+
+def token_id(tokenizer: Any, token: str) -> int:
+    """The id of an atomic token; ValueError when the tokenizer does not know it."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no token {token!r}")
+    return int(ids[0])
