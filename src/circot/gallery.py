@@ -1,0 +1,362 @@
+"""Gallery encoding and index building: list images, embed them (cached, sharded across processes), index them.
+
+``build_index`` and ``add_images`` are what ``circot index build`` / ``circot index add`` run. Both are
+resumable: embeddings are written to the :class:`~circot.cache.EmbeddingCache` every ``flush_every`` images,
+and the index folder only changes at the final atomic save, so re-running an interrupted command skips the
+images already encoded and never sees a half-written index.
+
+Launched with several processes (``torchrun`` / ``accelerate launch`` set ``RANK`` and ``WORLD_SIZE``), each
+rank encodes a contiguous shard of the image list and writes a shard file; rank 0 waits for every shard,
+merges them in order and writes the index. Other ranks return ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from circot.cache import EmbeddingCache, default_cache_dir, encode_cached, hash_file
+from circot.data.records import Gallery
+from circot.errors import CircotError
+from circot.index import DEFAULT_FACTORY, GalleryIndex, atomic_write_bytes, read_manifest
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MAX_TRAIN_VECTORS = 256 * 1024
+
+
+class ImageEncoder(Protocol):
+    """What the gallery code needs from a model (``circot.model.CIRCoT`` provides it)."""
+
+    fingerprint: str
+
+    def encode_images(
+        self, images: Sequence[Any], batch_size: int = 32, show_progress_bar: bool = False
+    ) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------------------------- listing images
+def list_images(source: str | Path) -> tuple[list[str], list[Path]]:
+    """Ids and paths of the images under a folder (recursive, sorted) or listed in a text file (one per line).
+
+    Ids are the paths relative to the folder (or as written in the list file), with forward slashes.
+    """
+    source = Path(source)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        ids = [p.relative_to(source).as_posix() for p in paths]
+        paths = [p.resolve() for p in paths]
+    elif source.is_file():
+        ids, paths = [], []
+        for lineno, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line)
+            p = p if p.is_absolute() else source.parent / p
+            if not p.is_file():
+                raise CircotError(f"{source}:{lineno}: image {line!r} does not exist")
+            ids.append(line.replace(os.sep, "/"))
+            paths.append(p.resolve())
+    else:
+        raise CircotError(f"images: {str(source)!r} is neither a folder nor a list file")
+    if not paths:
+        raise CircotError(
+            f"images: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {str(source)!r}"
+        )
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise CircotError(f"images: {dup!r} is listed twice in {str(source)!r}")
+    return ids, paths
+
+
+def _items(images: str | Path | Gallery) -> tuple[list[str], list[Path]]:
+    if isinstance(images, Gallery):
+        return list(images.ids), [Path(images.paths[i]) for i in images.ids]
+    return list_images(images)
+
+
+# --------------------------------------------------------------------------------------------- distribution
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: torch.distributed if initialised, else RANK / WORLD_SIZE."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank < world:
+        raise CircotError(f"invalid RANK={rank} / WORLD_SIZE={world} in the environment")
+    return rank, world
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous ``[start, end)`` of ``n`` items for ``rank`` of ``world_size`` (sizes differ by at most 1)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def _shard_file(work_dir: Path, rank: int, world: int) -> Path:
+    return work_dir / f"shard-{rank:05d}-of-{world:05d}.npz"
+
+
+def _read_shard(path: Path, keys: Sequence[str] | None = None) -> np.ndarray | None:
+    try:
+        with np.load(path) as data:
+            if keys is not None and list(data["keys"]) != list(keys):
+                return None
+            return np.asarray(data["vectors"], np.float32)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_shard(path: Path, keys: Sequence[str], vectors: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, keys=np.asarray(keys, dtype=str), vectors=vectors.astype(np.float32))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _barrier_or_wait(files: list[Path], timeout: float) -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            return
+    except ImportError:  # pragma: no cover
+        pass
+    deadline = time.monotonic() + timeout
+    while not all(f.exists() for f in files):
+        if time.monotonic() > deadline:
+            missing = [f.name for f in files if not f.exists()]
+            raise CircotError(f"timed out waiting for shard files from other ranks: {', '.join(missing)}")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------------------- encoding
+def _encode_fn(model: ImageEncoder, paths: Sequence[Path]):
+    def encode(batch: list[Path]) -> np.ndarray:
+        try:
+            return model.encode_images([str(p) for p in batch], batch_size=len(batch))
+        except CircotError:
+            raise
+        except Exception as exc:  # find the unreadable image and name it
+            from PIL import Image
+
+            for p in batch:
+                try:
+                    with Image.open(p) as im:
+                        im.load()
+                except Exception as bad:
+                    raise CircotError(f"cannot read image {str(p)!r}: {bad}") from None
+            raise exc
+
+    return encode
+
+
+def encode_gallery(
+    model: ImageEncoder,
+    paths: Sequence[str | Path],
+    cache: EmbeddingCache | None,
+    batch_size: int = 32,
+    work_dir: str | Path | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    flush_every: int = 1024,
+    progress: bool = False,
+    timeout: float = 24 * 3600.0,
+) -> np.ndarray | None:
+    """Embeddings (n, d) float32 of the images at ``paths``, reusing and filling ``cache``.
+
+    With ``world_size > 1`` (default: from the environment), this process encodes its shard and writes
+    ``work_dir/shard-<rank>-of-<world>.npz``; rank 0 then waits for all shards and returns the merged
+    array, other ranks return ``None``. A shard file whose image hashes match is reused as is.
+    """
+    if rank is None or world_size is None:
+        env_rank, env_world = distributed_context()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+    paths = [Path(p) for p in paths]
+    start, end = shard_bounds(len(paths), rank, world_size)
+    mine = paths[start:end]
+    keys = [hash_file(p) for p in mine]
+    encode = _encode_fn(model, mine)
+    if world_size == 1:
+        return encode_cached(mine, keys, encode, cache, batch_size, flush_every, progress)
+    if work_dir is None:
+        raise CircotError("a sharded encode needs a work folder shared by all ranks")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    shard = _shard_file(work_dir, rank, world_size)
+    vectors = _read_shard(shard, keys) if shard.exists() else None
+    if vectors is None:
+        vectors = encode_cached(mine, keys, encode, cache, batch_size, flush_every, progress and rank == 0)
+        _write_shard(shard, keys, vectors)
+    else:
+        logger.info("rank %d: reusing shard file %s", rank, shard)
+    if rank != 0:
+        return None
+    files = [_shard_file(work_dir, r, world_size) for r in range(world_size)]
+    _barrier_or_wait(files, timeout)
+    parts = []
+    for r, f in enumerate(files):
+        s, e = shard_bounds(len(paths), r, world_size)
+        part = _read_shard(f)
+        if part is None or len(part) != e - s:
+            raise CircotError(f"shard file {f} is unreadable or has the wrong length; delete it and re-run")
+        parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+# --------------------------------------------------------------------------------------------- building
+def _work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.shards"
+
+
+def _cleanup(work_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def build_index(
+    model: ImageEncoder,
+    images: str | Path | Gallery,
+    out: str | Path,
+    factory: str = DEFAULT_FACTORY,
+    batch_size: int = 32,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    cache_dtype: str = "float32",
+    model_ref: str | None = None,
+    search_params: dict[str, Any] | None = None,
+    flush_every: int = 1024,
+    progress: bool = False,
+) -> GalleryIndex | None:
+    """Embed the images (a folder, a list file or a :class:`Gallery`) and save an index at ``out``.
+
+    ``model_ref`` (a hub id or path) is recorded so that ``circot search`` can load the model by itself.
+    Returns the index on rank 0 and ``None`` on other ranks of a sharded run.
+    """
+    out = Path(out)
+    ids, paths = _items(images)
+    rank, world = distributed_context()
+    work_dir = _work_dir(out)
+    cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
+    t0 = time.perf_counter()
+    vectors = encode_gallery(model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress)
+    if vectors is None:
+        return None
+    encode_s = time.perf_counter() - t0
+    index = GalleryIndex.create(
+        vectors.shape[1], model.fingerprint, factory, normalized=True, model=model_ref
+    )
+    if not index.is_trained:
+        sample = vectors
+        if len(vectors) > MAX_TRAIN_VECTORS:
+            rng = np.random.default_rng(0)
+            sample = vectors[rng.choice(len(vectors), MAX_TRAIN_VECTORS, replace=False)]
+        index.train(sample)
+    index.add(vectors, ids, [str(p) for p in paths])
+    if search_params:
+        index.set_search_params(**search_params)
+    index.save(out)
+    _cleanup(work_dir)
+    logger.info(
+        "indexed %d images in %.1fs (%.1f images/s encoding)",
+        len(ids),
+        time.perf_counter() - t0,
+        len(ids) / max(encode_s, 1e-9),
+    )
+    return index
+
+
+def add_images(
+    index_path: str | Path,
+    model: ImageEncoder,
+    images: str | Path | Gallery,
+    batch_size: int = 32,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    cache_dtype: str = "float32",
+    flush_every: int = 1024,
+    progress: bool = False,
+) -> tuple[GalleryIndex | None, int]:
+    """Add the images not yet in the index at ``index_path`` (by id); old images are never re-encoded.
+
+    Returns ``(index, number added)``; ``(None, 0)`` on ranks other than 0.
+    """
+    index_path = Path(index_path)
+    manifest = read_manifest(index_path)
+    if manifest.model_fingerprint != model.fingerprint:
+        raise CircotError(
+            f"{index_path}: index was built by model {manifest.model_fingerprint[:16]}, "
+            f"not by the given model {model.fingerprint[:16]}; use the same model or build a new index"
+        )
+    ids, paths = _items(images)
+    rank, world = distributed_context()
+    if rank == 0:
+        index = GalleryIndex.load(index_path, mmap=False)
+        known = set(index.ids)
+    else:
+        index, known = None, set(read_ids(index_path))
+    new = [(i, p) for i, p in zip(ids, paths, strict=True) if i not in known]
+    if len(new) < len(ids):
+        logger.info("%d of %d images are already in the index", len(ids) - len(new), len(ids))
+    if not new:
+        return index, 0
+    work_dir = _work_dir(index_path)
+    cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
+    vectors = encode_gallery(
+        model, [p for _, p in new], cache, batch_size, work_dir, rank, world, flush_every, progress
+    )
+    if vectors is None or index is None:
+        return None, 0
+    index.add(vectors, [i for i, _ in new], [str(p) for _, p in new])
+    index.save(index_path)
+    _cleanup(work_dir)
+    return index, len(new)
+
+
+def read_ids(index_path: str | Path) -> list[str]:
+    """The ids of an index folder, without loading its vectors."""
+    manifest = read_manifest(index_path)
+    items = json.loads((Path(index_path) / manifest.files["items"]).read_text(encoding="utf-8"))
+    return list(items["ids"])
+
+
+def _open_cache(
+    model: ImageEncoder, cache_dir: str | Path | None, use_cache: bool, dtype: str, work_dir: Path
+) -> EmbeddingCache:
+    # Without the user's cache, a private one inside the work folder still lets an interrupted run resume;
+    # it is removed with the work folder when the index is saved.
+    root = (
+        (Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        if use_cache
+        else work_dir / "cache"
+    )
+    return EmbeddingCache(root, model.fingerprint, dim=getattr(model, "embedding_dim", None), dtype=dtype)
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "add_images",
+    "build_index",
+    "distributed_context",
+    "encode_gallery",
+    "list_images",
+    "read_ids",
+    "shard_bounds",
+]

@@ -1,0 +1,461 @@
+"""The gallery index: faiss vectors, the id ↔ image-path map and a manifest, saved as one folder.
+
+An index folder holds::
+
+    manifest.json           the commit point: model fingerprint, dimension, normalisation, count, factory,
+                            circot and faiss versions, and the names of the current generation's files
+    vectors-<gen>.faiss     the faiss index (row i ↔ item i)
+    items-<gen>.json        {"ids": [...], "paths": [...]} in row order
+
+Saving writes a new generation's files beside the old ones, then replaces ``manifest.json`` atomically, then
+removes the previous generation's files. A crash at any moment leaves either the old index or the new one,
+never a mix.
+
+Scores are inner products of L2-normalised vectors (cosine similarity) with the default ``"Flat"`` factory,
+which is exact. Any faiss factory string works (``"IVF1024,Flat"``, ``"IVF4096,PQ32"``, ``"HNSW32"``...);
+indexes that need training are trained by :meth:`GalleryIndex.train` (the builders in :mod:`circot.gallery`
+do it for you).
+
+Search follows faiss's conventions: ``(n, d)`` float queries in, ``(n, k)`` scores and ids out, best first;
+slots beyond the number of indexed vectors hold score ``-inf`` and id ``""`` (position ``-1``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from circot.errors import CircotError
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = "circot-index"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DEFAULT_FACTORY = "Flat"
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8"))
+
+
+@dataclass
+class IndexManifest:
+    """What an index folder holds and how it was made (``manifest.json``)."""
+
+    model_fingerprint: str
+    dim: int
+    normalized: bool = True
+    metric: str = "inner_product"
+    factory: str = DEFAULT_FACTORY
+    count: int = 0
+    model: str | None = None  # how to load the model that made the vectors (hub id or path), if known
+    search_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"nprobe": 16}, applied on load
+    circot_version: str = ""
+    faiss_version: str = ""
+    generation: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    updated: float = 0.0
+    format: str = INDEX_FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> IndexManifest:
+        if data.get("format") != INDEX_FORMAT:
+            raise CircotError(f"{source}: not a circot index manifest (format={data.get('format')!r})")
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise CircotError(
+                f"{source}: index format version {data['format_version']} is newer than this circot "
+                f"supports ({FORMAT_VERSION}); upgrade circot"
+            )
+        known = set(cls.__dataclass_fields__)
+        missing = [k for k in ("model_fingerprint", "dim") if k not in data]
+        if missing:
+            raise CircotError(f"{source}: missing field {missing[0]!r}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise CircotError(f"{what}: expected an array of shape (n, {dim}), got {tuple(np.shape(x))}")
+    if not np.isfinite(arr).all():
+        raise CircotError(f"{what}: contains NaN or infinite values")
+    return np.ascontiguousarray(arr)
+
+
+class GalleryIndex:
+    """A faiss index over gallery embeddings with string ids and image paths.
+
+    Create with :meth:`create` (empty) or :meth:`load` (from a folder); fill with :meth:`add`; query with
+    :meth:`search`; persist with :meth:`save`.
+    """
+
+    def __init__(
+        self, index: Any, ids: list[str], paths: list[str], manifest: IndexManifest, mmapped: bool = False
+    ) -> None:
+        if index.ntotal != len(ids) or len(ids) != len(paths):
+            raise CircotError(
+                f"index is inconsistent: {index.ntotal} vectors, {len(ids)} ids, {len(paths)} paths"
+            )
+        self._index = index
+        self.ids = ids
+        self.paths = paths
+        self.manifest = manifest
+        self._mmapped = mmapped
+        self._row_of = {image_id: i for i, image_id in enumerate(ids)}
+        if len(self._row_of) != len(ids):
+            raise CircotError("index is inconsistent: duplicate ids in the item map")
+        if manifest.search_params:
+            self.set_search_params(**manifest.search_params)
+
+    # ----------------------------------------------------------------------------------------- creation
+    @classmethod
+    def create(
+        cls,
+        dim: int,
+        model_fingerprint: str,
+        factory: str = DEFAULT_FACTORY,
+        normalized: bool = True,
+        model: str | None = None,
+    ) -> GalleryIndex:
+        """An empty index of ``dim``-dimensional vectors, inner-product metric, built by a faiss factory string."""
+        faiss = _faiss()
+        if dim <= 0:
+            raise CircotError(f"index dimension must be positive, got {dim}")
+        try:
+            index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise CircotError(
+                f"invalid faiss factory string {factory!r}: {str(exc).splitlines()[-1]}"
+            ) from None
+        from circot import __version__
+
+        now = time.time()
+        manifest = IndexManifest(
+            model_fingerprint=model_fingerprint,
+            dim=int(dim),
+            normalized=normalized,
+            factory=factory,
+            model=model,
+            circot_version=__version__,
+            faiss_version=faiss.__version__,
+            created=now,
+            updated=now,
+        )
+        return cls(index, [], [], manifest)
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.manifest.model_fingerprint
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    @property
+    def faiss_index(self) -> Any:
+        """The underlying faiss index (row i ↔ ``ids[i]``)."""
+        return self._index
+
+    @property
+    def mmapped(self) -> bool:
+        return self._mmapped
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._row_of
+
+    def row(self, image_id: str) -> int:
+        """Row of ``image_id``; raises :class:`CircotError` for an unknown id."""
+        try:
+            return self._row_of[image_id]
+        except KeyError:
+            raise CircotError(f"unknown gallery id {image_id!r}") from None
+
+    def path(self, image_id: str) -> Path:
+        """Image path of ``image_id`` as stored in the index; raises :class:`CircotError` if unknown."""
+        return Path(self.paths[self.row(image_id)])
+
+    # ----------------------------------------------------------------------------------------- writing
+    def _ensure_writable(self) -> None:
+        # faiss aborts the process when a memory-mapped index is resized: read it back into memory first.
+        if self._mmapped:
+            raise CircotError(
+                "this index was loaded memory-mapped (read-only); load it with mmap=False to add"
+            )
+
+    def train(self, vectors: np.ndarray) -> None:
+        """Train the index (IVF centroids, PQ codebooks) on representative vectors; no-op when not needed."""
+        self._ensure_writable()
+        if self.is_trained:
+            return
+        x = _as_matrix(vectors, self.dim, "training vectors")
+        if self.manifest.normalized:
+            x = _l2_normalize(x)
+        try:
+            self._index.train(x)
+        except RuntimeError as exc:
+            raise CircotError(
+                f"cannot train faiss index {self.manifest.factory!r} on {len(x)} vectors: "
+                f"{str(exc).splitlines()[-1]} (use more images or a smaller factory, e.g. 'Flat')"
+            ) from None
+
+    def add(self, vectors: np.ndarray, ids: Sequence[str], paths: Sequence[str | Path] | None = None) -> None:
+        """Append vectors with their ids (and image paths). Ids must be new and unique."""
+        self._ensure_writable()
+        x = _as_matrix(vectors, self.dim, "vectors")
+        ids = [str(i) for i in ids]
+        paths_s = [str(p) for p in paths] if paths is not None else [""] * len(ids)
+        if len(ids) != len(x) or len(paths_s) != len(x):
+            raise CircotError(f"add: {len(x)} vectors but {len(ids)} ids and {len(paths_s)} paths")
+        seen: set[str] = set()
+        for i in ids:
+            if i in self._row_of or i in seen:
+                raise CircotError(f"add: id {i!r} is already in the index")
+            if not i:
+                raise CircotError("add: empty id")
+            seen.add(i)
+        if not len(x):
+            return
+        if not self.is_trained:
+            raise CircotError(f"index {self.manifest.factory!r} must be trained before adding vectors")
+        if self.manifest.normalized:
+            x = _l2_normalize(x)
+        self._index.add(x)
+        start = len(self.ids)
+        self.ids.extend(ids)
+        self.paths.extend(paths_s)
+        for offset, i in enumerate(ids):
+            self._row_of[i] = start + offset
+        self.manifest.count = len(self.ids)
+
+    def set_search_params(self, **params: Any) -> None:
+        """Set faiss search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW); saved in the manifest."""
+        faiss = _faiss()
+        space = faiss.ParameterSpace()
+        for name, value in params.items():
+            try:
+                space.set_index_parameter(self._index, name, value)
+            except RuntimeError:
+                raise CircotError(
+                    f"search parameter {name!r} does not apply to index {self.manifest.factory!r}"
+                ) from None
+        self.manifest.search_params = {**self.manifest.search_params, **params}
+
+    # ----------------------------------------------------------------------------------------- search
+    def search_positions(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows per query: ``(scores float32 (n, k), rows int64 (n, k))``; empty slots are -inf / -1."""
+        if k <= 0:
+            raise CircotError(f"k must be positive, got {k}")
+        q = _as_matrix(queries, self.dim, "queries")
+        if self.manifest.normalized:
+            q = _l2_normalize(q)
+        if len(q) == 0:
+            return np.zeros((0, k), np.float32), np.full((0, k), -1, np.int64)
+        if self._index.ntotal == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        scores, rows = self._index.search(q, int(k))
+        scores = scores.astype(np.float32, copy=False)
+        rows = rows.astype(np.int64, copy=False)
+        scores[rows < 0] = -np.inf
+        return scores, rows
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` gallery ids per query: ``(scores float32 (n, k), ids object array of str (n, k))``.
+
+        Empty slots (fewer than ``k`` vectors, or an approximate index that found fewer) have score ``-inf``
+        and id ``""``.
+        """
+        scores, rows = self.search_positions(queries, k)
+        table = np.asarray(self.ids + [""], dtype=object)
+        return scores, table[np.where(rows < 0, len(self.ids), rows)]
+
+    def vectors(self) -> np.ndarray:
+        """All stored vectors (n, d) float32 when the index can reconstruct them (flat and HNSW indexes)."""
+        try:
+            return self._index.reconstruct_n(0, self._index.ntotal)
+        except RuntimeError:
+            raise CircotError(f"index {self.manifest.factory!r} cannot return its vectors") from None
+
+    # ----------------------------------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Save to folder ``path`` atomically (see the module docstring); returns the folder."""
+        faiss = _faiss()
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        previous = _read_manifest_if_any(folder)
+        gen = max(self.manifest.generation, previous.generation if previous else 0) + 1
+        tag = f"{gen:06d}-{uuid.uuid4().hex[:8]}"
+        files = {"index": f"vectors-{tag}.faiss", "items": f"items-{tag}.json"}
+        tmp_index = folder / f".{files['index']}.tmp"
+        try:
+            faiss.write_index(self._index, str(tmp_index))
+            with open(tmp_index, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_index, folder / files["index"])
+        finally:
+            if tmp_index.exists():
+                tmp_index.unlink()
+        atomic_write_json(folder / files["items"], {"ids": self.ids, "paths": self.paths})
+        manifest = IndexManifest(
+            **{
+                **self.manifest.to_dict(),
+                "generation": gen,
+                "files": files,
+                "count": len(self.ids),
+                "updated": time.time(),
+            }
+        )
+        atomic_write_json(folder / MANIFEST_NAME, manifest.to_dict())  # the commit point
+        self.manifest = manifest
+        # the previous generation (and leftovers of interrupted saves) are no longer referenced
+        for stale in folder.iterdir():
+            if (
+                stale.name.startswith(("vectors-", "items-", ".vectors-", ".items-"))
+                and stale.name not in files.values()
+            ):
+                try:
+                    stale.unlink()
+                except OSError:  # pragma: no cover - another process may be cleaning too
+                    pass
+        logger.info("saved index with %d vectors to %s", len(self.ids), folder)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = False) -> GalleryIndex:
+        """Load an index folder. ``mmap=True`` memory-maps the vectors where faiss allows (read-only then)."""
+        faiss = _faiss()
+        folder = Path(path)
+        manifest = _read_manifest_if_any(folder)
+        if manifest is None:
+            raise CircotError(f"{folder}: not an index folder (no {MANIFEST_NAME})")
+        try:
+            index_file = folder / manifest.files["index"]
+            items_file = folder / manifest.files["items"]
+        except KeyError as exc:
+            raise CircotError(f"{folder / MANIFEST_NAME}: missing file entry {exc.args[0]!r}") from None
+        for f in (index_file, items_file):
+            if not f.is_file():
+                raise CircotError(f"{folder}: index file {f.name} is missing")
+        mmapped = False
+        index = None
+        if mmap:
+            ivf = "IVF" in manifest.factory
+            flag_sets = [faiss.IO_FLAG_MMAP] if ivf else [faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY]
+            for flags in flag_sets:
+                try:
+                    index = faiss.read_index(str(index_file), flags)
+                    mmapped = True
+                    break
+                except RuntimeError as exc:
+                    logger.info("memory-mapped read not possible (%s); reading into memory", exc)
+        if index is None:
+            try:
+                index = faiss.read_index(str(index_file))
+            except RuntimeError as exc:
+                raise CircotError(
+                    f"{index_file}: cannot read faiss index: {str(exc).splitlines()[-1]}"
+                ) from None
+        try:
+            items = json.loads(items_file.read_text(encoding="utf-8"))
+            ids, paths = list(items["ids"]), list(items["paths"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CircotError(f"{items_file}: malformed item map ({exc})") from None
+        if index.d != manifest.dim:
+            raise CircotError(f"{folder}: faiss index has dimension {index.d}, manifest says {manifest.dim}")
+        return cls(index, ids, paths, manifest, mmapped=mmapped)
+
+
+def _read_manifest_if_any(folder: Path) -> IndexManifest | None:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CircotError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CircotError(f"{path}: expected a JSON object")
+    return IndexManifest.from_dict(data, source=str(path))
+
+
+def read_manifest(folder: str | Path) -> IndexManifest:
+    """The manifest of an index folder (raises :class:`CircotError` when there is none)."""
+    manifest = _read_manifest_if_any(Path(folder))
+    if manifest is None:
+        raise CircotError(f"{folder}: not an index folder (no {MANIFEST_NAME})")
+    return manifest
+
+
+def brute_force_search(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner-product search in numpy (reference and baseline): ``(scores, rows)``, ties by row."""
+    scores = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
+    k_eff = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
+    top = np.take_along_axis(scores, order, axis=1)
+    if k_eff < k:
+        pad = k - k_eff
+        top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
+        order = np.pad(order, ((0, 0), (0, pad)), constant_values=-1)
+    return top.astype(np.float32), order.astype(np.int64)
+
+
+__all__ = [
+    "DEFAULT_FACTORY",
+    "GalleryIndex",
+    "IndexManifest",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "brute_force_search",
+    "read_manifest",
+]

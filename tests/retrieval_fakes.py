@@ -1,0 +1,48 @@
+"""Test doubles for the retrieval tests: a deterministic image encoder that counts its calls."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class FakeEncoder:
+    """Embeds an image file as a unit vector seeded by its bytes; counts batches and images."""
+
+    def __init__(
+        self, dim: int = 16, fingerprint: str = "fake-encoder-v1", fail_after: int | None = None
+    ) -> None:
+        self.dim = dim
+        self.embedding_dim = dim
+        self.fingerprint = fingerprint
+        self.calls = 0
+        self.images = 0
+        self.fail_after = fail_after
+
+    def encode_images(self, images, batch_size=32, show_progress_bar=False):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        self.images += len(images)
+        out = []
+        for im in images:
+            seed = int.from_bytes(hashlib.sha256(Path(im).read_bytes()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            out.append(v / np.linalg.norm(v))
+        return np.stack(out)
+
+
+def write_images(folder: Path, n: int, start: int = 0, size: int = 8) -> list[Path]:
+    """Write ``n`` distinct small PNG images named img-<i>.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        rng = np.random.default_rng(i)
+        arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        p = folder / f"img-{i:04d}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
