@@ -22,6 +22,7 @@ slots beyond the number of indexed vectors hold score ``-inf`` and id ``""`` (po
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -364,10 +365,8 @@ class GalleryIndex:
                 stale.name.startswith(("vectors-", "items-", ".vectors-", ".items-"))
                 and stale.name not in files.values()
             ):
-                try:
+                with contextlib.suppress(OSError):  # another process may be cleaning too
                     stale.unlink()
-                except OSError:  # pragma: no cover - another process may be cleaning too
-                    pass
         logger.info("saved index with %d vectors to %s", len(self.ids), folder)
         return folder
 
