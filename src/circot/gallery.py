@@ -78,10 +78,30 @@ def list_images(source: str | Path) -> tuple[list[str], list[Path]]:
     return ids, paths
 
 
-def _items(images: str | Path | Gallery) -> tuple[list[str], list[Path]]:
+ImageSource = str | Path | Gallery | Sequence[str | Path]
+
+
+def _items(images: ImageSource, ids: Sequence[str] | None = None) -> tuple[list[str], list[Path]]:
+    """Ids and paths from a folder, a list file, a :class:`Gallery` or a sequence of paths (ids: file names
+    unless ``ids`` is given)."""
     if isinstance(images, Gallery):
-        return list(images.ids), [Path(images.paths[i]) for i in images.ids]
-    return list_images(images)
+        found_ids, paths = list(images.ids), [Path(images.paths[i]) for i in images.ids]
+    elif isinstance(images, (str, Path)):
+        found_ids, paths = list_images(images)
+    else:
+        paths = [Path(p) for p in images]
+        found_ids = [p.name for p in paths]
+        for p in paths:
+            if not p.is_file():
+                raise CircotError(f"images: {str(p)!r} does not exist")
+    if ids is not None:
+        found_ids = [str(i) for i in ids]
+        if len(found_ids) != len(paths):
+            raise CircotError(f"images: {len(paths)} images but {len(found_ids)} ids")
+    if len(set(found_ids)) != len(found_ids):
+        dup = next(i for i in found_ids if found_ids.count(i) > 1)
+        raise CircotError(f"images: id {dup!r} appears twice")
+    return found_ids, paths
 
 
 # --------------------------------------------------------------------------------------------- distribution
@@ -233,8 +253,9 @@ def _cleanup(work_dir: Path) -> None:
 
 def build_index(
     model: ImageEncoder,
-    images: str | Path | Gallery,
-    out: str | Path,
+    images: ImageSource,
+    out: str | Path | None = None,
+    ids: Sequence[str] | None = None,
     factory: str = DEFAULT_FACTORY,
     batch_size: int = 32,
     cache_dir: str | Path | None = None,
@@ -245,15 +266,23 @@ def build_index(
     flush_every: int = 1024,
     progress: bool = False,
 ) -> GalleryIndex | None:
-    """Embed the images (a folder, a list file or a :class:`Gallery`) and save an index at ``out``.
+    """Embed the images and index them; save the index at ``out`` when given.
+
+    ``images``: a folder (ids = relative paths), a list file, a :class:`Gallery` (its ids) or a sequence of
+    image paths (ids = ``ids`` or the file names). Without ``out`` nothing is written except the cache (and
+    a work folder under the cache root while encoding).
 
     ``model_ref`` (a hub id or path) is recorded so that ``circot search`` can load the model by itself.
     Returns the index on rank 0 and ``None`` on other ranks of a sharded run.
     """
-    out = Path(out)
-    ids, paths = _items(images)
+    ids, paths = _items(images, ids)
     rank, world = distributed_context()
-    work_dir = _work_dir(out)
+    if out is None:
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        work_dir = root / "work" / f"build-{os.getpid()}"
+    else:
+        out = Path(out)
+        work_dir = _work_dir(out)
     cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
     t0 = time.perf_counter()
     vectors = encode_gallery(model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress)
@@ -272,7 +301,8 @@ def build_index(
     index.add(vectors, ids, [str(p) for p in paths])
     if search_params:
         index.set_search_params(**search_params)
-    index.save(out)
+    if out is not None:
+        index.save(out)
     _cleanup(work_dir)
     logger.info(
         "indexed %d images in %.1fs (%.1f images/s encoding)",
@@ -286,7 +316,7 @@ def build_index(
 def add_images(
     index_path: str | Path,
     model: ImageEncoder,
-    images: str | Path | Gallery,
+    images: ImageSource,
     batch_size: int = 32,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,

@@ -227,6 +227,8 @@ class GalleryIndex:
         """Image path of ``image_id`` as stored in the index; raises :class:`CircotError` if unknown."""
         return Path(self.paths[self.row(image_id)])
 
+    path_of = path
+
     # ----------------------------------------------------------------------------------------- writing
     def _ensure_writable(self) -> None:
         # faiss aborts the process when a memory-mapped index is resized: read it back into memory first.

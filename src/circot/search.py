@@ -1,0 +1,161 @@
+"""One composed query against a gallery index: reason, embed, search — with the reasoning and the timings.
+
+:func:`search_query` is what ``circot search``, the demo and the web service run. In ``full`` mode the model
+first writes caption → reasoning → conclusion, then the query is embedded from that CoT; a caller may pass its
+own ``cot`` (e.g. a user-edited conclusion) to re-rank from the edited reasoning without generating.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from circot.errors import CircotError
+from circot.index import GalleryIndex
+from circot.prompts import CoT
+
+MODES = ("full", "fast")
+
+
+@dataclass
+class Hit:
+    """One ranked gallery image."""
+
+    rank: int
+    id: str
+    score: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "id": self.id, "score": self.score, "path": self.path}
+
+
+@dataclass
+class QueryResult:
+    """The answer to one query: the CoT (None in fast mode), the hits, and where the time went (seconds)."""
+
+    text: str
+    mode: str
+    cot: CoT | None
+    hits: list[Hit]
+    timings: dict[str, float] = field(default_factory=dict)
+    cot_given: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        cot = None
+        if self.cot is not None:
+            cot = {
+                "caption": self.cot.caption,
+                "reasoning": self.cot.reasoning,
+                "conclusion": self.cot.conclusion,
+                "well_formed": self.cot.well_formed,
+                "problems": list(self.cot.problems),
+                "raw": self.cot.raw,
+            }
+        return {
+            "text": self.text,
+            "mode": self.mode,
+            "cot": cot,
+            "cot_given": self.cot_given,
+            "results": [h.to_dict() for h in self.hits],
+            "timings": self.timings,
+        }
+
+
+def _as_cot(cot: CoT | dict[str, str]) -> CoT:
+    if isinstance(cot, CoT):
+        return cot
+    if not isinstance(cot, dict):
+        raise CircotError(
+            f"cot must be a CoT or a dict with caption/reasoning/conclusion, not {type(cot).__name__}"
+        )
+    return CoT.from_dict(cot)
+
+
+def embed_queries(
+    model: Any,
+    images: Sequence[Any],
+    texts: Sequence[str],
+    mode: str = "full",
+    cots: Sequence[CoT | dict[str, str] | None] | None = None,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, list[CoT | None], dict[str, float]]:
+    """Embeddings ``(n, d)``, the CoT used per query, and timings ``{"cot_s", "embed_s"}``.
+
+    In ``full`` mode the CoTs not given are generated first (timed as ``cot_s``), then every query is embedded
+    from its CoT (``embed_s``), so a generated and a user-given CoT follow the same path.
+    """
+    if mode not in MODES:
+        raise CircotError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    n = len(images)
+    if len(texts) != n:
+        raise CircotError(f"{n} images but {len(texts)} texts")
+    timings = {"cot_s": 0.0, "embed_s": 0.0}
+    if mode == "fast":
+        t0 = time.perf_counter()
+        emb = model.encode_queries(list(images), list(texts), mode="fast", batch_size=batch_size)
+        timings["embed_s"] = time.perf_counter() - t0
+        return np.asarray(emb, np.float32), [None] * n, timings
+    used: list[CoT | None] = [None if cots is None or cots[i] is None else _as_cot(cots[i]) for i in range(n)]
+    todo = [i for i in range(n) if used[i] is None]
+    if todo:
+        t0 = time.perf_counter()
+        generated = model.generate_reasoning(
+            [images[i] for i in todo], [texts[i] for i in todo], batch_size=batch_size
+        )
+        timings["cot_s"] = time.perf_counter() - t0
+        for i, c in zip(todo, generated, strict=True):
+            used[i] = c
+    t0 = time.perf_counter()
+    emb = model.encode_queries(list(images), list(texts), mode="full", batch_size=batch_size, cots=used)
+    timings["embed_s"] = time.perf_counter() - t0
+    return np.asarray(emb, np.float32), used, timings
+
+
+def search_query(
+    model: Any,
+    index: GalleryIndex,
+    image: Any,
+    text: str,
+    k: int = 10,
+    mode: str = "full",
+    cot: CoT | dict[str, str] | None = None,
+    check_fingerprint: bool = True,
+) -> QueryResult:
+    """Search ``index`` with a reference image (path or PIL image) and a modification text.
+
+    ``cot``: embed from this reasoning instead of generating it (full mode only). Raises
+    :class:`CircotError` if the index was built by another model (unless ``check_fingerprint=False``).
+    """
+    if check_fingerprint and index.model_fingerprint != model.fingerprint:
+        raise CircotError(
+            f"the index was built by model {index.model_fingerprint[:16]}, not by the loaded model "
+            f"{model.fingerprint[:16]}; rebuild the index or load the matching model"
+        )
+    if not isinstance(text, str) or not text.strip():
+        raise CircotError("the modification text is empty")
+    if cot is not None and mode != "full":
+        raise CircotError("a given CoT needs mode 'full'")
+    if isinstance(image, (str, Path)) and not Path(image).is_file():
+        raise CircotError(f"{image}: image file not found")
+    emb, used, timings = embed_queries(model, [image], [text], mode, [cot] if cot is not None else None, 1)
+    t0 = time.perf_counter()
+    scores, ids = index.search(emb, k)
+    timings["search_s"] = time.perf_counter() - t0
+    timings["total_s"] = sum(timings.values())
+    hits = [
+        Hit(rank=r + 1, id=str(i), score=float(s), path=str(index.path(i)))
+        for r, (s, i) in enumerate(zip(scores[0], ids[0], strict=True))
+        if i
+    ]
+    return QueryResult(
+        text=text, mode=mode, cot=used[0], hits=hits, timings=timings, cot_given=cot is not None
+    )
+
+
+__all__ = ["Hit", "MODES", "QueryResult", "embed_queries", "search_query"]
