@@ -175,6 +175,6 @@ def test_evaluate_runs_in_the_shared_harness(tmp_path):
     result = evaluate(model, split=split, features=features)
     assert result.n_queries == 4
     assert 0.0 <= result.metrics["R@1"] <= 100.0 and result.metrics["R@5"] >= result.metrics["R@1"]
-    assert (tmp_path / "cache" / "images-effnet-lite0-s64-avg.npz").exists()
+    assert (tmp_path / "cache" / "images-effnet-lite0-s64.npz").exists()
     latency = query_latency_ms(model, split, features, n_queries=2)
     assert latency["total"] > 0 and set(latency) == {"image", "text", "combiner", "total"}

@@ -48,36 +48,36 @@ def load_image_tensor(path: str | Path, image_size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-class ImageFeatureExtractor:
-    """Frozen EfficientNet-Lite0 features of image files.
+def select_pool(features: np.ndarray | torch.Tensor, pool: str):
+    """Columns of :class:`ImageFeatureExtractor` output for one pooling: "avg" (1280), "grid2" (5120), both (6400)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if pool == "avg":
+        return features[:, :1280]
+    if pool == "grid2":
+        return features[:, 1280:]
+    return features
 
-    ``pool``: "avg" = global average of the 1280-channel head map (1280-d); "grid2" = 2×2 average grid of it
-    (5120-d, keeps coarse position); "avg+grid2" = both (6400-d).
+
+class ImageFeatureExtractor:
+    """Frozen EfficientNet-Lite0 features of image files: (n, 6400) = [global average | 2×2 grid average].
+
+    Both are taken from the 1280-channel head map: the global average (1280-d, CLIP-like pooled feature) and the
+    2×2 average grid (4 × 1280, row-major, keeps coarse position). :func:`select_pool` picks the columns.
     """
 
-    def __init__(self, image_size: int = 112, pool: str = "avg", weights: str | Path | None = None) -> None:
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-        self.image_size = image_size
-        self.pool = pool
-        self.model = load_efficientnet_lite0(weights)
-        self.dim = {"avg": 1280, "grid2": 4 * 1280, "avg+grid2": 5 * 1280}[pool]
+    dim = 5 * 1280
 
-    @property
-    def key(self) -> str:
-        """Names the setting in cache file names."""
-        return f"effnet-lite0-s{self.image_size}-{self.pool}"
+    def __init__(self, image_size: int = 112, weights: str | Path | None = None) -> None:
+        self.image_size = image_size
+        # channels-last runs the depthwise convolutions ~1.7x faster on CPU
+        self.model = load_efficientnet_lite0(weights).to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def encode_tensors(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, 3, S, S) normalised images → (b, dim) features."""
-        fmap = self.model.feature_map(x)
-        parts = []
-        if self.pool in ("avg", "avg+grid2"):
-            parts.append(fmap.mean(dim=(2, 3)))
-        if self.pool in ("grid2", "avg+grid2"):
-            parts.append(F.adaptive_avg_pool2d(fmap, 2).flatten(1))
-        return torch.cat(parts, dim=1)
+        """(b, 3, S, S) normalised images → (b, 6400) features."""
+        fmap = self.model.feature_map(x.contiguous(memory_format=torch.channels_last))
+        return torch.cat([fmap.mean(dim=(2, 3)), F.adaptive_avg_pool2d(fmap, 2).flatten(1)], dim=1)
 
     def encode(self, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:
         out = np.zeros((len(paths), self.dim), dtype=np.float32)
@@ -89,10 +89,14 @@ class ImageFeatureExtractor:
 
 
 class FeatureCache:
-    """Features by content hash in one ``.npz`` file (arrays ``keys`` and ``features``); atomic saves."""
+    """Features by content hash in one ``.npz`` file (arrays ``keys`` and ``features``); atomic saves.
 
-    def __init__(self, path: str | Path) -> None:
+    ``dtype``: storage type (float16 halves the size of wide image features); rows come back as float32.
+    """
+
+    def __init__(self, path: str | Path, dtype: str = "float32") -> None:
         self.path = Path(path)
+        self.dtype = np.dtype(dtype)
         self._rows: dict[str, np.ndarray] = {}
         if self.path.exists():
             with np.load(self.path) as data:
@@ -129,14 +133,16 @@ class FeatureCache:
             for start in range(0, len(missing), chunk):
                 idx = missing[start : start + chunk]
                 for i, row in zip(idx, compute(idx), strict=True):
-                    self._rows[keys[i]] = row.astype(np.float32)
+                    self._rows[keys[i]] = row.astype(self.dtype)
                 self._dirty = True
                 self.save()
                 if bar is not None:
                     bar.update(len(idx))
             if bar is not None:
                 bar.close()
-        return np.stack([self._rows[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+        if not keys:
+            return np.zeros((0, 0), np.float32)
+        return np.stack([self._rows[k] for k in keys]).astype(np.float32)
 
     def save(self) -> None:
         if not self._dirty:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from circot.baselines.combiner import Combiner, CombinerConfig, info_nce
-from circot.baselines.features import FeatureCache, ImageFeatureExtractor, file_hash, text_hash
+from circot.baselines.features import FeatureCache, ImageFeatureExtractor, file_hash, select_pool, text_hash
 from circot.data.records import CIRSplit
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ class FrozenFeatures:
         self.image_size, self.pool = image_size, pool
         self._image_encoder: ImageFeatureExtractor | None = None
         self._text_encoder = None
-        self.image_cache = FeatureCache(self.cache_dir / f"images-effnet-lite0-s{image_size}-{pool}.npz")
+        select_pool(np.zeros((1, ImageFeatureExtractor.dim)), pool)  # validates the name
+        self.image_cache = FeatureCache(self.cache_dir / f"images-effnet-lite0-s{image_size}.npz", "float16")
         self.text_cache = FeatureCache(self.cache_dir / "texts-all-MiniLM-L6-v2.npz")
         self.seconds_computing = 0.0
         self.n_computed = 0
@@ -75,7 +76,7 @@ class FrozenFeatures:
     @property
     def image_encoder(self) -> ImageFeatureExtractor:
         if self._image_encoder is None:
-            self._image_encoder = ImageFeatureExtractor(self.image_size, self.pool)
+            self._image_encoder = ImageFeatureExtractor(self.image_size)
         return self._image_encoder
 
     @property
@@ -96,7 +97,14 @@ class FrozenFeatures:
             self.n_computed += len(idx)
             return out
 
-        return self.image_cache.get_many(keys, compute, progress=progress)
+        return select_pool(self.image_cache.get_many(keys, compute, progress=progress), self.pool)
+
+    def encode_image_now(self, path: Path) -> torch.Tensor:
+        """One image, uncached: (1, image_dim) features for ``self.pool`` (used to time a query)."""
+        from circot.baselines.features import load_image_tensor
+
+        x = load_image_tensor(path, self.image_size)[None]
+        return select_pool(self.image_encoder.encode_tensors(x), self.pool)
 
     def texts(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         keys = [text_hash(t) for t in texts]
@@ -291,20 +299,15 @@ def query_latency_ms(
 
     Returns ``{"total": ms, "image": ms, "text": ms, "combiner": ms}``.
     """
-    from circot.baselines.features import load_image_tensor
-
-    image_encoder, text_encoder = features.image_encoder, features.text_encoder
+    text_encoder = features.text_encoder
     queries = split.queries[:n_queries]
-    ref0 = split.image_path(queries[0].reference)
-    image_encoder.encode_tensors(load_image_tensor(ref0, model.config.image_size)[None])  # warm-up
+    features.encode_image_now(split.image_path(queries[0].reference))  # warm-up
     text_encoder.encode([queries[0].text])
     model.combiner.eval()
     timings = {"image": 0.0, "text": 0.0, "combiner": 0.0}
     for q in queries:
         t0 = time.perf_counter()
-        img = image_encoder.encode_tensors(
-            load_image_tensor(split.image_path(q.reference), model.config.image_size)[None]
-        )
+        img = features.encode_image_now(split.image_path(q.reference))
         t1 = time.perf_counter()
         txt = torch.from_numpy(text_encoder.encode([q.text]))
         t2 = time.perf_counter()
