@@ -1,0 +1,44 @@
+"""``circot data ...``: dataset commands (check; the shapes generator adds ``data shapes`` below)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from circot.errors import DataError
+
+data_app = typer.Typer(help="Check and prepare datasets.", no_args_is_help=True)
+
+
+@data_app.command("check")
+def check(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="fashioniq, cirr, circo or shapes."),
+    root: Path = typer.Option(..., "--root", "-r", help="Dataset root folder."),
+    split: str | None = typer.Option(None, "--split", "-s", help="One split (default: every split)."),
+    decode: bool = typer.Option(
+        False, "--decode", help="Decode every image (slow); default decodes a sample."
+    ),
+    sample: int = typer.Option(50, "--sample", help="How many images per split to decode without --decode."),
+    skip_counts: bool = typer.Option(
+        False, "--skip-counts", help="Do not compare counts with the official ones (custom subsets)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Report missing or undecodable images and expected vs found counts; exit non-zero when incomplete."""
+    from circot.data.check import check_dataset
+
+    report = check_dataset(
+        dataset, root, split, decode=decode, sample=sample, official_counts=not skip_counts
+    )
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    if not report.ok:
+        raise DataError(report.summary())
+
+
+# --- `circot data shapes` (generator of the shapes world) goes below this line. -------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
