@@ -1,0 +1,45 @@
+"""``circot serve``: the web service and its page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_command(
+        index: Path = typer.Option(..., "--index", help="Gallery index folder (from `circot index build`)."),
+        model: str = typer.Option(
+            None, "--model", help="Model folder or hub id; default: the shipped shapes model."
+        ),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+        port: int = typer.Option(8000, "--port", help="Port to listen on."),
+        device: str = typer.Option("cpu", "--device", help="Torch device for the model, e.g. cpu or cuda."),
+        max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest uploaded image, in MB."),
+        max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest uploaded image, in pixels."),
+        max_text: int = typer.Option(500, "--max-text", help="Longest modification text, in characters."),
+        max_k: int = typer.Option(100, "--max-k", help="Most results one search may ask for."),
+        allow_mismatch: bool = typer.Option(
+            False, "--allow-mismatch", help="Serve an index built with another model (results will be poor)."
+        ),
+    ) -> None:
+        """Serve a gallery index over HTTP: a JSON API and a page to search and steer the reasoning."""
+        from circot.serve import ServeLimits, serve
+
+        limits = ServeLimits(
+            max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+            max_pixels=max_pixels,
+            max_text_chars=max_text,
+            max_k=max_k,
+        )
+        serve(
+            index,
+            model=model,
+            host=host,
+            port=port,
+            device=device,
+            limits=limits,
+            check_fingerprint=not allow_mismatch,
+        )
