@@ -46,3 +46,37 @@ def write_images(folder: Path, n: int, start: int = 0, size: int = 8) -> list[Pa
         Image.fromarray(arr).save(p)
         paths.append(p)
     return paths
+
+
+TINY_CORPUS = [
+    "a big red circle left of a small blue square",
+    "make the circle green and remove the square",
+    "add a yellow triangle above the circle",
+] * 10
+
+
+def tiny_model(**overrides):
+    """A very small random CIRCoT (2 text layers, hidden 32, 56 px images), one thread."""
+    import torch
+
+    from circot.model import CIRCoT
+
+    torch.set_num_threads(1)
+    settings = dict(
+        image_size=56,
+        max_cot_tokens=12,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vision_embed_dim=32,
+        vision_depth=1,
+    )
+    settings.update(overrides)
+    corpus = settings.pop("corpus", TINY_CORPUS)
+    return CIRCoT.tiny(corpus, **settings)
+
+
+def tiny_model_dir(folder: Path, **overrides) -> Path:
+    """Save :func:`tiny_model` to ``folder`` and return it."""
+    tiny_model(**overrides).save_pretrained(folder)
+    return folder

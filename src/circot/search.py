@@ -67,6 +67,36 @@ class QueryResult:
         }
 
 
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else ``cpu``."""
+    import os
+
+    import torch
+
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return "cpu"
+    return device
+
+
+def load_model(model: str | Path | None, device: str | None = "auto") -> Any:
+    """Load a circot model by folder or hub id (``None``: the shipped shapes model) onto ``device``."""
+    from circot.model import CIRCoT
+
+    return CIRCoT.from_pretrained(str(model) if model is not None else None, device=resolve_device(device))
+
+
+def model_reference(model: str | Path | None) -> str:
+    """How to find ``model`` again later (absolute path for a local folder), recorded in index manifests."""
+    from circot.model import DEFAULT_MODEL
+
+    if model is None:
+        return DEFAULT_MODEL
+    p = Path(model)
+    return str(p.resolve()) if p.exists() else str(model)
+
+
 def _as_cot(cot: CoT | dict[str, str]) -> CoT:
     if isinstance(cot, CoT):
         return cot
@@ -158,4 +188,13 @@ def search_query(
     )
 
 
-__all__ = ["Hit", "MODES", "QueryResult", "embed_queries", "search_query"]
+__all__ = [
+    "Hit",
+    "MODES",
+    "QueryResult",
+    "embed_queries",
+    "load_model",
+    "model_reference",
+    "resolve_device",
+    "search_query",
+]

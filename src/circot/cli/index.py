@@ -1,0 +1,159 @@
+"""``circot index build | add | info``: embed a gallery of images into a searchable index folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+index_app = typer.Typer(help="Build and grow gallery indexes.", no_args_is_help=True)
+
+
+def _summary(index, out: Path, added: int | None, seconds: float) -> dict:
+    m = index.manifest
+    return {
+        "index": str(out),
+        "count": m.count,
+        "added": added,
+        "dim": m.dim,
+        "factory": m.factory,
+        "model": m.model,
+        "model_fingerprint": m.model_fingerprint,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _echo(info: dict, as_json: bool, verb: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    extra = f" ({info['added']} added)" if info.get("added") is not None else ""
+    typer.echo(
+        f"{verb} {info['index']}: {info['count']} images{extra}, dim {info['dim']}, factory {info['factory']}, "
+        f"model {info['model'] or '?'} [{info['model_fingerprint']}] in {info['seconds']:.1f}s"
+    )
+
+
+@index_app.command("build")
+def build_command(
+    images: Path = typer.Option(
+        ..., "--images", help="Folder of images (recursive) or a text file of paths."
+    ),
+    out: Path = typer.Option(..., "--out", help="Index folder to write (replaced atomically)."),
+    model: str = typer.Option(
+        None, "--model", help="Model folder or hub id; default: the shipped shapes model."
+    ),
+    factory: str = typer.Option(
+        "Flat", "--factory", help="faiss factory string: Flat (exact), IVF1024,PQ32, HNSW32..."
+    ),
+    nprobe: int = typer.Option(None, "--nprobe", help="IVF lists to visit per search (saved in the index)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    cache: Path = typer.Option(
+        None, "--cache", help="Embedding cache folder; default $CIRCOT_CACHE or ~/.cache/circot."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or fill the embedding cache."),
+    fp16_cache: bool = typer.Option(False, "--fp16-cache", help="Store cached embeddings as float16."),
+    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:1..."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Embed every image under --images with the model and write an index folder at --out.
+
+    Resumable: re-running an interrupted build skips the images already encoded. Launched with several
+    processes (torchrun / accelerate launch), each encodes a shard and rank 0 writes the index.
+    """
+    import time
+
+    from circot.gallery import build_index, list_images
+    from circot.index import GalleryIndex
+    from circot.search import load_model, model_reference
+
+    t0 = time.perf_counter()
+    list_images(images)  # fail on bad input before loading the model
+    net = load_model(model, device)
+    GalleryIndex.create(net.embedding_dim, "check", factory=factory)  # a bad factory fails before encoding
+    index = build_index(
+        net,
+        images,
+        out,
+        factory=factory,
+        batch_size=batch_size,
+        cache_dir=cache,
+        use_cache=not no_cache,
+        cache_dtype="float16" if fp16_cache else "float32",
+        model_ref=model_reference(model),
+        search_params={"nprobe": nprobe} if nprobe else None,
+        progress=not as_json,
+    )
+    if index is not None:
+        _echo(_summary(index, out, None, time.perf_counter() - t0), as_json, "built")
+
+
+@index_app.command("add")
+def add_command(
+    index: Path = typer.Option(..., "--index", help="Existing index folder."),
+    images: Path = typer.Option(
+        ..., "--images", help="Folder of images or a text file of paths; known ids are skipped."
+    ),
+    model: str = typer.Option(None, "--model", help="Model; default: the one recorded in the index."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    cache: Path = typer.Option(None, "--cache", help="Embedding cache folder."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or fill the embedding cache."),
+    fp16_cache: bool = typer.Option(False, "--fp16-cache", help="Store cached embeddings as float16."),
+    device: str = typer.Option("auto", "--device", help="Torch device."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Add the new images under --images to an index, without re-encoding the images it holds."""
+    import time
+
+    from circot.gallery import add_images, list_images
+    from circot.index import read_manifest
+    from circot.search import load_model
+
+    t0 = time.perf_counter()
+    manifest = read_manifest(index)
+    list_images(images)
+    net = load_model(model or manifest.model, device)
+    result, added = add_images(
+        index,
+        net,
+        images,
+        batch_size=batch_size,
+        cache_dir=cache,
+        use_cache=not no_cache,
+        cache_dtype="float16" if fp16_cache else "float32",
+        progress=not as_json,
+    )
+    if result is not None:
+        _echo(_summary(result, index, added, time.perf_counter() - t0), as_json, "updated")
+
+
+@index_app.command("info")
+def info_command(
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show an index's manifest: count, dimension, factory, model fingerprint, versions."""
+    from circot.index import read_manifest
+
+    m = read_manifest(index).to_dict()
+    if as_json:
+        typer.echo(json.dumps(m, indent=1))
+    else:
+        for key in (
+            "count",
+            "dim",
+            "factory",
+            "normalized",
+            "metric",
+            "model",
+            "model_fingerprint",
+            "search_params",
+            "circot_version",
+            "faiss_version",
+        ):
+            typer.echo(f"{key:>18}: {m[key]}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(index_app, name="index")

@@ -1,0 +1,118 @@
+"""`circot index build | add | info` and `circot search` on tiny random models and generated images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from retrieval_fakes import tiny_model_dir, write_images
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("CIRCOT_CACHE", str(tmp_path / "cache"))
+    write_images(tmp_path / "g", 5, size=24)
+    code, out, err = cli(
+        "index",
+        "build",
+        "--model",
+        model_dir,
+        "--images",
+        tmp_path / "g",
+        "--out",
+        tmp_path / "ix",
+        "--batch-size",
+        "2",
+        "--json",
+    )
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["count"] == 5 and info["dim"] == 32 and info["model"] == str(model_dir.resolve())
+
+    write_images(tmp_path / "g", 2, start=5, size=24)
+    code, out, err = cli("index", "add", "--index", tmp_path / "ix", "--images", tmp_path / "g", "--json")
+    assert code == 0, err
+    assert json.loads(out)["added"] == 2 and json.loads(out)["count"] == 7
+
+    code, out, _ = cli("index", "info", "--index", tmp_path / "ix")
+    assert code == 0 and "count: 7" in out
+
+    # the model is found through the manifest; full mode prints the three parts of the reasoning
+    code, out, err = cli(
+        "search",
+        "--index",
+        tmp_path / "ix",
+        "--image",
+        tmp_path / "g" / "img-0001.png",
+        "--text",
+        "make the circle green",
+        "--k",
+        "3",
+    )
+    assert code == 0, err
+    assert "caption" in out and "reasoning" in out and "conclusion" in out
+    assert out.count(".png") == 3
+
+    code, out, err = cli(
+        "search",
+        "--index",
+        tmp_path / "ix",
+        "--image",
+        tmp_path / "g" / "img-0001.png",
+        "--text",
+        "make it red",
+        "--k",
+        "10",
+        "--mode",
+        "fast",
+        "--json",
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["cot"] is None and len(result["results"]) == 7
+    scores = [r["score"] for r in result["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+    code, out, err = cli(
+        "search",
+        "--index",
+        tmp_path / "ix",
+        "--image",
+        tmp_path / "g" / "img-0001.png",
+        "--text",
+        "make it red",
+        "--conclusion",
+        "a red circle",
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["cot"]["conclusion"] == "a red circle" and json.loads(out)["cot_given"]
+
+
+def test_cli_errors_are_one_line(cli, tmp_path, model_dir):
+    code, _, err = cli(
+        "index", "build", "--model", model_dir, "--images", tmp_path / "nothing", "--out", tmp_path / "ix"
+    )
+    assert code != 0 and "error: images:" in err and "nothing" in err and "Traceback" not in err
+    code, _, err = cli("search", "--index", tmp_path / "nope", "--image", "x.png", "--text", "t")
+    assert code != 0 and "not an index folder" in err
+    write_images(tmp_path / "g", 2, size=24)
+    code, _, err = cli(
+        "index",
+        "build",
+        "--model",
+        model_dir,
+        "--images",
+        tmp_path / "g",
+        "--out",
+        tmp_path / "ix",
+        "--factory",
+        "Bogus7",
+        "--no-cache",
+    )
+    assert code != 0 and "factory" in err
