@@ -1,0 +1,650 @@
+"""The CIR-CoT trainer: stages of InfoNCE (+ CoT cross-entropy) through one accelerate loop.
+
+Read top to bottom: :func:`train` resolves the run directory and the model, then runs every stage of the
+config with one optimizer and one learning-rate schedule (warm-up then cosine, per stage). A step is one
+optimizer update over ``grad_accum`` micro-batches. Each micro-batch embeds
+
+* the queries — ``fast`` rows answer ``<emb>`` at once; ``full`` rows are teacher-forced through a CoT (the
+  gold one, the model's own generated one, or one with a corrupted conclusion) and then ``<emb>``;
+* the targets — gallery prompt, ``<emb>``;
+* optionally the references as hard negatives (the "edit not applied" near miss),
+
+and minimises ``λ_txt·CE(gold CoT tokens) + λ_Info·InfoNCE(query, target)`` with embeddings gathered
+across processes. Every ``save_every`` steps the full state (model, optimizer, schedule, RNG, step) is saved
+under ``checkpoints/``; ``resume=True`` continues from the newest one, with the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from circot.data import load_split
+from circot.data.records import CIRSplit
+from circot.errors import ConfigError, DataError
+from circot.prompts import CoT
+from circot.train.config import StageSection, TrainConfig, atomic_write_text
+from circot.train.data import (
+    IDENTITY_REASONING,
+    IDENTITY_TEXT,
+    Example,
+    ExampleDataset,
+    StepBatchSampler,
+    build_examples,
+    collate,
+    cots_for_split,
+)
+from circot.train.losses import IGNORE_INDEX, CoTCrossEntropy, InfoNCELoss
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+INIT_MODEL = "init-model"
+FINAL_MODEL = "model"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path | None
+    steps: int
+    wall_time_s: float
+    final_eval: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# schedule
+# --------------------------------------------------------------------------------------------------------------
+
+
+def stage_at(stages: list[StageSection], step: int) -> tuple[int, int]:
+    """(stage index, step within the stage) of global ``step``; past the end gives the last stage."""
+    start = 0
+    for i, st in enumerate(stages):
+        if step < start + st.steps:
+            return i, step - start
+        start += st.steps
+    return len(stages) - 1, stages[-1].steps
+
+
+def lr_at(stages: list[StageSection], step: int, min_lr_ratio: float) -> float:
+    """Absolute learning rate at global ``step``: linear warm-up, then cosine to ``min_lr_ratio·lr``, per stage."""
+    i, s = stage_at(stages, step)
+    st = stages[i]
+    if st.warmup and s < st.warmup:
+        return st.lr * (s + 1) / st.warmup
+    span = max(1, st.steps - st.warmup)
+    progress = min(1.0, (s - st.warmup) / span)
+    return st.lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model plumbing
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Forward(nn.Module):
+    """The module accelerate wraps (DDP/FSDP/DeepSpeed): one forward embeds a list of built batches.
+
+    It owns the CIRCoT's torch module so that the wrapped forward (and its gradient hooks) run through it.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.net = model
+
+    def forward(
+        self, batches: list[dict[str, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [self.net.embed_batch(b) for b in batches]
+
+
+def _corpus(cfg: TrainConfig, examples: list[Example]) -> list[str]:
+    texts: list[str] = []
+    if cfg.data.dataset == "shapes":
+        from circot.data import shapes
+
+        texts.extend(shapes.corpus())
+    for ex in examples:
+        texts.append(ex.text)
+        if ex.cot is not None:
+            texts.extend([ex.cot.caption, ex.cot.reasoning, ex.cot.conclusion])
+    texts.extend([IDENTITY_TEXT, IDENTITY_REASONING])
+    return texts
+
+
+def build_model(cfg: TrainConfig, examples: list[Example]) -> Any:
+    """A fresh model as the config says (tiny from scratch, or a checkpoint with config overrides)."""
+    from circot.model import CIRCoT
+
+    if cfg.model.init == "tiny":
+        return CIRCoT.tiny(tokenizer_corpus=_corpus(cfg, examples), seed=cfg.seed, **cfg.model.overrides)
+    dtype = getattr(torch, cfg.model.dtype) if cfg.model.dtype else None
+    return CIRCoT.from_pretrained(cfg.model.init, dtype=dtype, **cfg.model.overrides)
+
+
+def _resolve_precision(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the run directory
+# --------------------------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / STATE_FILE).exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluation on val
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _subset(split: CIRSplit, max_queries: int | None) -> CIRSplit:
+    if max_queries is None or max_queries >= len(split.queries):
+        return split
+    return CIRSplit(
+        dataset=split.dataset,
+        split=split.split,
+        root=split.root,
+        queries=split.queries[:max_queries],
+        gallery=split.gallery,
+        conventions=dict(split.conventions),
+        extra_paths=split.extra_paths,
+    )
+
+
+def evaluate_model(
+    model: Any,
+    split: CIRSplit,
+    modes: list[str],
+    batch_size: int = 64,
+    max_queries: int | None = None,
+    gallery_emb: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Retrieval metrics (and CoT scores in full mode on shapes) of ``model`` on ``split`` in each mode.
+
+    Returns ``{mode: {"metrics": {...}, "cot": {...}}}`` plus the gallery embeddings under ``"_gallery"``.
+    """
+    from circot.metrics import evaluate
+
+    sub = _subset(split, max_queries)
+    if gallery_emb is None:
+        paths = [split.gallery.path(i) for i in split.gallery.ids]
+        gallery_emb = model.encode_images(paths, batch_size=batch_size)
+    refs = [sub.image_path(q.reference) for q in sub.queries]
+    texts = [q.text for q in sub.queries]
+    out: dict[str, Any] = {}
+    for mode in modes:
+        res: dict[str, Any] = {}
+        if mode == "full":
+            emb, cots = model.encode_queries(
+                refs, texts, mode="full", batch_size=batch_size, return_reasoning=True
+            )
+            if split.dataset == "shapes" and all("gold_cot" in q.extras for q in sub.queries):
+                from circot.data import shapes
+
+                gold = [shapes.gold_cot(q) for q in sub.queries]
+                res["cot"] = shapes.score_cot([c or CoT(well_formed=False) for c in cots], gold)
+        else:
+            emb = model.encode_queries(refs, texts, mode=mode, batch_size=batch_size)
+        scores = np.asarray(emb, dtype=np.float32) @ np.asarray(gallery_emb, dtype=np.float32).T
+        res["metrics"] = evaluate(sub, scores).metrics
+        out[mode] = res
+    out["_gallery"] = gallery_emb
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds everything one run needs; :meth:`run` trains from step 0 or from the newest checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.resume = resume
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.accelerator = Accelerator(
+            mixed_precision=_resolve_precision(cfg.optim.mixed_precision),
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(
+                project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")
+            ),
+        )
+        set_seed(cfg.seed)
+        self.is_main = self.accelerator.is_main_process
+        self._check_run_dir()
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+
+    def _check_run_dir(self) -> None:
+        existing = self.run_dir / "config.yaml"
+        if self.resume:
+            if not existing.exists():
+                raise ConfigError(f"--resume: {self.run_dir} holds no run (no config.yaml)")
+        elif latest_checkpoint(self.run_dir) is not None or (self.run_dir / FINAL_MODEL).exists():
+            raise ConfigError(
+                f"run_dir {str(self.run_dir)!r} already holds a run; use --resume or another run_dir"
+            )
+
+    def _load_data(self) -> None:
+        cfg = self.cfg.data
+        from circot.annotate import read_annotations
+
+        train_split = load_split(cfg.dataset, cfg.root, cfg.train_split, **cfg.options)
+        if cfg.max_train_queries is not None:
+            train_split.queries = train_split.queries[: cfg.max_train_queries]
+        needs_cot = any(st.mode == "full" for st in self.cfg.stages) or cfg.identity_fraction > 0
+        cots = None
+        if needs_cot or cfg.annotations:
+            ann = read_annotations(cfg.annotations) if cfg.annotations else None
+            cots = cots_for_split(train_split, ann, cfg.annotations)
+        self.train_split = train_split
+        self.examples = build_examples(
+            train_split,
+            cots,
+            max_text_chars=cfg.max_text_chars,
+            max_cot_chars=cfg.max_cot_chars,
+            identity_fraction=cfg.identity_fraction,
+            seed=self.cfg.seed,
+        )
+        self.val_split = None
+        if cfg.val_split:
+            self.val_split = load_split(cfg.dataset, cfg.root, cfg.val_split, **cfg.options)
+        logger.info("training examples: %d (%s/%s)", len(self.examples), cfg.dataset, cfg.train_split)
+
+    def _setup_model(self, start_step: int) -> None:
+        from circot.model import CIRCoT
+
+        init_dir = self.run_dir / INIT_MODEL
+        if self.resume and init_dir.exists():
+            self.model = CIRCoT.from_pretrained(init_dir, device="cpu")
+        else:
+            self.model = build_model(self.cfg, self.examples)
+            if self.is_main:
+                self.model.save_pretrained(init_dir)
+            self.accelerator.wait_for_everyone()
+        self.model.to(self.accelerator.device)
+        self.temperature = self.cfg.loss.temperature or float(self.model.config.temperature)
+        self.info_nce = InfoNCELoss(self.temperature, symmetric=self.cfg.loss.symmetric, gather=True)
+        self.cross_entropy = CoTCrossEntropy()
+        self.forward = _Forward(self.model)
+        params = [p for p in self.forward.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.cfg.optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=1.0,
+            betas=tuple(self.cfg.optim.betas),
+        )
+        stages, ratio = self.cfg.stages, self.cfg.optim.min_lr_ratio
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(stages, s, ratio))
+        self.forward, self.optimizer = self.accelerator.prepare(self.forward, opt)
+        self.scheduler = sched
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        del start_step
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, step: int) -> None:
+        ckpt = self.run_dir / CHECKPOINTS / f"step-{step:07d}"
+        self.accelerator.save_state(str(ckpt))
+        if self.is_main:
+            state = {"step": step, "python_random": random.getstate()[1][:1], "time": time.time()}
+            atomic_write_text(ckpt / STATE_FILE, json.dumps(state) + "\n")
+            done = sorted(
+                (self.run_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1])
+            )
+            for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_checkpoint(self) -> int:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", self.run_dir)
+            return 0
+        self.accelerator.load_state(str(ckpt))
+        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+        logger.info("resumed from %s (step %d)", ckpt, step)
+        return step
+
+    # -- one micro-batch -----------------------------------------------------------------------------------------
+
+    def _refresh_generated(self, stage: StageSection, step: int) -> None:
+        """Generate the model's own CoT for a pool of training queries (stage with cot_source=generated)."""
+        rng = random.Random(self.cfg.seed * 7919 + step)
+        candidates = [i for i, e in enumerate(self.examples) if not e.identity]
+        pool = rng.sample(candidates, min(stage.generated_pool, len(candidates)))
+        exs = [self.examples[i] for i in pool]
+        was_training = self.model.training
+        self.model.eval()
+        t0 = time.time()
+        with torch.no_grad():
+            cots = self.model.generate_reasoning(
+                [e.reference for e in exs], [e.text for e in exs], batch_size=self.cfg.eval.batch_size
+            )
+        self.model.train(was_training)
+        self.generated = {i: c for i, c in zip(pool, cots, strict=True)}
+        exact = sum(c.conclusion == e.cot.conclusion for c, e in zip(cots, exs, strict=True)) / max(
+            1, len(exs)
+        )
+        logger.info(
+            "generated CoT for %d queries in %.0fs (conclusion exact %.3f)", len(exs), time.time() - t0, exact
+        )
+        self._log({"gen/conclusion_exact": exact}, step)
+
+    def _micro_step(
+        self, batch: dict[str, list[Any]], stage: StageSection, rng: random.Random
+    ) -> dict[str, torch.Tensor]:
+        model = self.model
+        examples: list[Example] = batch["example"]
+        indices: list[int] = batch["index"]
+        refs, targets = batch["reference"], batch["target"]
+        n = len(examples)
+        fast_rows = list(range(n))
+        full_rows: list[int] = []
+        if stage.mode == "full":
+            fast_rows = [i for i in range(n) if rng.random() < stage.fast_fraction]
+            full_rows = [i for i in range(n) if i not in set(fast_rows)]
+        built: list[dict[str, torch.Tensor]] = []
+        order: list[int] = []
+        ce_rows: list[int] = []
+        if full_rows:
+            cots: list[CoT] = []
+            for pos, i in enumerate(full_rows):
+                ex = examples[i]
+                cot = ex.cot
+                supervised = True
+                if (
+                    stage.cot_source == "generated"
+                    and indices[i] in self.generated
+                    and rng.random() < stage.generated_fraction
+                ):
+                    cot, supervised = self.generated[indices[i]], False
+                elif stage.corrupt_prob and not ex.identity and rng.random() < stage.corrupt_prob:
+                    other = self.examples[rng.randrange(len(self.examples))].cot
+                    cot, supervised = (
+                        CoT(caption=ex.cot.caption, reasoning=ex.cot.reasoning, conclusion=other.conclusion),
+                        False,
+                    )
+                cots.append(cot)
+                if supervised:
+                    ce_rows.append(pos)
+            b = model.build_batch(
+                [refs[i] for i in full_rows], [examples[i].text for i in full_rows], cots=cots, mode="full"
+            )
+            if "labels" in b and len(ce_rows) < len(full_rows):
+                keep = torch.zeros(len(full_rows), dtype=torch.bool)
+                keep[ce_rows] = True
+                b["labels"] = b["labels"].masked_fill(~keep[:, None].to(b["labels"].device), IGNORE_INDEX)
+            built.append(b)
+            order.extend(full_rows)
+        if fast_rows:
+            built.append(
+                model.build_batch(
+                    [refs[i] for i in fast_rows], [examples[i].text for i in fast_rows], mode="fast"
+                )
+            )
+            order.extend(fast_rows)
+        built.append(model.build_batch(targets, mode="gallery"))
+        use_hard = self.cfg.loss.hard_negatives > 0
+        if use_hard:
+            built.append(model.build_batch(refs, mode="gallery"))
+        device = self.accelerator.device
+        built = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in built]
+        with self.accelerator.autocast():
+            outs = self.forward(built)
+        n_query = len(built) - 1 - int(use_hard)
+        q_emb = torch.cat([outs[j][0] for j in range(n_query)], dim=0)
+        perm = torch.as_tensor(order, device=q_emb.device)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(len(order), device=q_emb.device)
+        q_emb = q_emb[inv]  # back to batch order
+        t_emb = outs[n_query][0]
+        keys = torch.as_tensor([e.target_key for e in examples], device=q_emb.device)
+        hard = mask = None
+        if use_hard:
+            hard = outs[n_query + 1][0][:, None, :]
+            mask = torch.as_tensor([not e.identity for e in examples], device=q_emb.device)[:, None]
+        info = self.info_nce(q_emb, t_emb, target_keys=keys, hard_negatives=hard, hard_mask=mask)
+        # every process computes the loss of the global batch but backpropagates its own rows only; DDP
+        # averages gradients over processes, so scaling by the process count gives the global gradient.
+        info_scaled = info * self.accelerator.num_processes
+        losses = {"info_nce": info}
+        total = stage.lambda_info * info_scaled
+        if full_rows and stage.lambda_txt > 0:
+            logits = outs[0][1]
+            ce = self.cross_entropy(logits, built[0]["labels"])
+            losses["cot_ce"] = ce
+            total = total + stage.lambda_txt * ce
+        losses["total"] = total
+        return losses
+
+    # -- logging -------------------------------------------------------------------------------------------------
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        if self.is_main:
+            self.accelerator.log(values, step=step)
+            _append_jsonl(self.run_dir / "metrics.jsonl", {"step": step, **values})
+
+    def _evaluate(self, step: int, final: bool = False) -> dict[str, Any]:
+        if self.val_split is None:
+            return {}
+        result: dict[str, Any] = {}
+        if self.is_main:
+            self.model.eval()
+            t0 = time.time()
+            max_q = self.cfg.eval.final_max_queries if final else self.cfg.eval.max_queries
+            with torch.no_grad():
+                res = evaluate_model(
+                    self.model, self.val_split, list(self.cfg.eval.modes), self.cfg.eval.batch_size, max_q
+                )
+            res.pop("_gallery", None)
+            self.model.train()
+            flat: dict[str, float] = {}
+            for mode, r in res.items():
+                for k in ("R@1", "R@5", "mAP@5"):
+                    if k in r["metrics"]:
+                        flat[f"val_{mode}/{k}"] = r["metrics"][k]
+                for k, v in r.get("cot", {}).items():
+                    flat[f"val_{mode}/cot_{k}"] = v
+            self._log(flat, step)
+            logger.info(
+                "eval @%d (%.0fs): %s",
+                step,
+                time.time() - t0,
+                " ".join(f"{k}={v:.2f}" for k, v in flat.items()),
+            )
+            result = res
+        self.accelerator.wait_for_everyone()
+        return result
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        t_start = time.time()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                cfg.save(self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        self._load_data()
+        self._setup_model(0)
+        start = self._load_checkpoint() if self.resume else 0
+        self.accelerator.init_trackers("tb")
+        total = cfg.total_steps
+        accum = cfg.optim.grad_accum
+        sampler = StepBatchSampler(
+            len(self.examples),
+            cfg.optim.batch_size,
+            start * accum,
+            total * accum,
+            seed=cfg.seed,
+            num_processes=self.accelerator.num_processes,
+            process_index=self.accelerator.process_index,
+        )
+        dataset = ExampleDataset(self.examples)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+        )
+        batches = iter(loader)
+        self.generated: dict[int, CoT] = {}
+        self.model.train()
+        bar = tqdm(total=total, initial=start, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        history: list[dict[str, Any]] = []
+        prev_stage = None
+        t_log, running = time.time(), {}
+        for step in range(start, total):
+            stage_idx, in_stage = stage_at(cfg.stages, step)
+            stage = cfg.stages[stage_idx]
+            if stage_idx != prev_stage:
+                self._enter_stage(stage_idx, fresh=(in_stage == 0))
+                prev_stage = stage_idx
+            if stage.cot_source == "generated" and (
+                in_stage % stage.regenerate_every == 0 or not self.generated
+            ):
+                self._refresh_generated(stage, step)
+            rng = random.Random(cfg.seed * 1_000_003 + step)
+            for micro in range(accum):
+                batch = next(batches)
+                ctx = self.accelerator.no_sync(self.forward) if micro < accum - 1 else _null()
+                with ctx:
+                    losses = self._micro_step(batch, stage, rng)
+                    self.accelerator.backward(losses["total"] / accum)
+                for k, v in losses.items():
+                    running[k] = running.get(k, 0.0) + float(v.detach()) / accum
+            if cfg.optim.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.forward.parameters(), cfg.optim.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == total:
+                n_steps = cfg.log_every if done % cfg.log_every == 0 else (done - start) % cfg.log_every or 1
+                record = {f"train/{k}": v / n_steps for k, v in running.items()}
+                record["train/lr"] = self.scheduler.get_last_lr()[0]
+                record["train/steps_per_s"] = n_steps / max(1e-9, time.time() - t_log)
+                record["train/stage"] = stage_idx
+                self._log(record, done)
+                bar.set_postfix(
+                    {
+                        k.split("/")[1]: f"{v:.3f}"
+                        for k, v in record.items()
+                        if k.startswith("train/") and "loss" in k or k.endswith(("nce", "ce"))
+                    }
+                )
+                history.append({"step": done, **record})
+                running, t_log = {}, time.time()
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < total:
+                self._evaluate(done)
+            if cfg.save_every and done % cfg.save_every == 0 and done < total:
+                self._save_checkpoint(done)
+        bar.close()
+        self._save_checkpoint(total)
+        final = self._evaluate(total, final=True)
+        model_dir = self._save_final(final, time.time() - t_start + self._previous_wall_time())
+        self.accelerator.end_training()
+        return TrainResult(self.run_dir, model_dir, total, time.time() - t_start, final, history)
+
+    def _previous_wall_time(self) -> float:
+        return 0.0
+
+    def _enter_stage(self, stage_idx: int, fresh: bool) -> None:
+        st = self.cfg.stages[stage_idx]
+        logger.info(
+            "stage %d/%d: %s (%s, %d steps)", stage_idx + 1, len(self.cfg.stages), st.name, st.mode, st.steps
+        )
+        if fresh and stage_idx > 0:
+            self.optimizer.optimizer.state.clear()  # fresh moments for a new objective
+        for name, p in self.model.named_parameters():
+            frozen = any(name.startswith(prefix) for prefix in st.freeze)
+            if frozen and p.requires_grad:
+                p.requires_grad_(False)
+            elif not frozen and not p.requires_grad and getattr(p, "_circot_trainable", True):
+                p.requires_grad_(True)
+
+    def _save_final(self, final: dict[str, Any], wall: float) -> Path | None:
+        model_dir = self.run_dir / FINAL_MODEL
+        if self.is_main:
+            results = {
+                mode: {"metrics": r.get("metrics", {}), "cot": r.get("cot", {})} for mode, r in final.items()
+            }
+            info = {
+                "dataset": self.cfg.data.dataset,
+                "val_split": self.cfg.data.val_split,
+                "steps": self.cfg.total_steps,
+                "training_wall_time_s": round(wall, 1),
+                "eval": results,
+            }
+            card: dict[str, Any] = {
+                "training steps": info["steps"],
+                "training wall time (s)": info["training_wall_time_s"],
+            }
+            for mode, r in results.items():
+                for k, v in {**r["metrics"], **{f"cot {k}": v for k, v in r["cot"].items()}}.items():
+                    card[f"{self.cfg.data.dataset} {self.cfg.data.val_split} {mode} {k}"] = v
+            self.model.save_pretrained(model_dir, results=card)
+            atomic_write_text(self.run_dir / "final_eval.json", json.dumps(info, indent=2) + "\n")
+        self.accelerator.wait_for_everyone()
+        return model_dir
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train as ``cfg`` says; ``resume`` continues the run in ``cfg.run_dir`` from its newest checkpoint."""
+    if cfg.data.dataset not in ("shapes", "fashioniq", "cirr"):
+        raise DataError(
+            f"data.dataset: training supports shapes, fashioniq and cirr, not {cfg.data.dataset!r}"
+        )
+    return Trainer(cfg, resume=resume).run()
+
+
+__all__ = ["TrainResult", "Trainer", "evaluate_model", "latest_checkpoint", "lr_at", "stage_at", "train"]

@@ -1,0 +1,84 @@
+"""Training config: defaults, YAML/JSON files, dotted overrides, one-line errors, round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from circot.errors import ConfigError
+from circot.train.config import TrainConfig, load_config
+from circot.train.trainer import lr_at, stage_at
+
+
+def test_yaml_file_with_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "run_dir: runs/x\n"
+        "optim: {batch_size: 8}\n"
+        "stages:\n"
+        "  - {name: align, mode: fast, steps: 10, lr: 1e-3}\n"
+        "  - {name: cot, mode: full, steps: 20, lr: 5e-4, lambda_txt: 0.5}\n"
+    )
+    cfg = load_config(
+        path, ["optim.batch_size=4", "stages.1.steps=30", "loss.symmetric=true", "eval.modes=[fast, full]"]
+    )
+    assert cfg.optim.batch_size == 4 and cfg.stages[1].steps == 30 and cfg.loss.symmetric
+    assert cfg.stages[0].lr == pytest.approx(1e-3) and cfg.eval.modes == ["fast", "full"]
+    assert cfg.total_steps == 40
+    saved = cfg.save(tmp_path / "run" / "config.yaml")
+    again = load_config(saved)
+    assert again.to_dict() == cfg.to_dict()
+    as_json = cfg.save(tmp_path / "config.json")
+    assert json.loads(as_json.read_text())["stages"][1]["lambda_txt"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["optim.batch_sise=3"], "batch_sise"),
+        (["stages.0.mode=slow"], "stages.0"),
+        (["optim.batch_size=many"], "optim.batch_size"),
+        (["stages.5.lr=1"], "stages.5"),
+        (["nonsense"], "key=value"),
+    ],
+)
+def test_bad_overrides_are_one_line_config_errors(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(bad)
+
+
+def test_schedule_warms_up_then_decays_per_stage():
+    cfg = TrainConfig.from_dict(
+        {
+            "stages": [
+                {"steps": 10, "lr": 1.0, "warmup": 2},
+                {"steps": 10, "lr": 0.5, "warmup": 0, "mode": "full"},
+            ]
+        }
+    )
+    assert stage_at(cfg.stages, 9) == (0, 9) and stage_at(cfg.stages, 10) == (1, 0)
+    lrs = [lr_at(cfg.stages, s, 0.0) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:10], lrs[2:10], strict=False))
+    assert lrs[10] == pytest.approx(0.5) and lrs[19] < 0.05
+
+
+def test_cli_dry_run_prints_the_resolved_config(cli, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"stages": [{"steps": 3}]}))
+    code, out, _ = cli("train", "--config", path, "--dry-run", "--json", "optim.grad_accum=2")
+    assert code == 0
+    assert json.loads(out)["optim"]["grad_accum"] == 2
+    code, _, err = cli("train", "--config", path, "--dry-run", "optim.grad_accum=0")
+    assert code != 0 and err.startswith("error:")
