@@ -32,6 +32,9 @@ from circot.prompts import CoT
 
 logger = logging.getLogger(__name__)
 
+# Datasets with training triplets worth annotating (CIRCO is evaluation-only).
+ANNOTATABLE = ("fashioniq", "cirr", "shapes")
+
 
 @dataclass
 class AnnotationReport:
@@ -349,6 +352,10 @@ def run_annotation(
     from circot.annotate.teachers import build_teacher
     from circot.data import load_split
 
+    if dataset not in ANNOTATABLE:
+        raise CircotError(f"annotate: dataset must be one of {', '.join(ANNOTATABLE)}, not {dataset!r}")
+    if teacher == "shapes" and dataset != "shapes":
+        raise CircotError(f"--teacher shapes gives gold CoT for the shapes world only, not {dataset!r}")
     if limit is not None and limit < 0:
         raise CircotError(f"--limit must be positive, not {limit}")
     data = load_split(dataset, root, split)
