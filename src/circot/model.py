@@ -15,6 +15,7 @@ Every embedding — gallery, fast, full, training, generated or given CoT — go
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
@@ -187,6 +188,15 @@ class CIRCoT(nn.Module):
         self.pad_token_id = token_id(tokenizer, prompts.PAD_TOKEN)
         self.image_token_id = token_id(tokenizer, prompts.IMAGE_PAD)
         self.stop_token_ids = tuple(token_id(tokenizer, t) for t in prompts.STOP_TOKENS)
+        # never generated: image/video placeholders and vision markers (they would corrupt the pooling pass)
+        vision = (
+            prompts.IMAGE_PAD,
+            "<|video_pad|>",
+            prompts.VISION_START,
+            prompts.VISION_END,
+            "<|vision_pad|>",
+        )
+        self._banned_ids = torch.tensor([token_id(tokenizer, t) for t in vision], dtype=torch.long)
         self._fingerprint: tuple[int, str] | None = None
         changed = config.check_prompts()
         if changed:
@@ -296,6 +306,8 @@ class CIRCoT(nn.Module):
             return cls(peft_model, tokenizer, image_processor, cfg)
         hf = _load_hf_model(str(path), dtype)
         hf.eval()
+        if cfg.lora is not None:  # LoRA over these weights: they are the adapter's base
+            cfg = cfg.replace(base_model=str(path.resolve()))
         self = cls(hf, tokenizer, image_processor, cfg)
         if cfg.lora is not None:
             self.enable_lora(cfg.lora)
@@ -405,12 +417,19 @@ class CIRCoT(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Trade compute for memory in training (no effect in eval mode)."""
+        hf = self.hf
+        kwargs = {"use_reentrant": False}
         if enabled:
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x (the old name warns)
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if self.is_lora:
-                self.hf.enable_input_require_grads()
+                hf.enable_input_require_grads()
+        elif hasattr(hf, "activation_checkpointing_disable"):
+            hf.activation_checkpointing_disable()
         else:
-            self.hf.gradient_checkpointing_disable()
+            hf.gradient_checkpointing_disable()
         self.config.gradient_checkpointing = enabled
 
     # ------------------------------------------------------------------ token sequences
@@ -418,14 +437,18 @@ class CIRCoT(nn.Module):
         self, mode: str, texts: Sequence[str | None], n_image_tokens: list[int]
     ) -> list[list[int]]:
         strings = [
-            prompts.render_prompt(prompts.prompt_instruction(mode, t), n, self.config.system_prompt)
+            prompts.render_prompt(
+                prompts.prompt_instruction(mode, None if t is None else prompts.strip_special_tokens(t)),
+                n,
+                self.config.system_prompt,
+            )
             for t, n in zip(texts, n_image_tokens, strict=True)
         ]
         return self.tokenizer(strings, add_special_tokens=False)["input_ids"]
 
     def _answer_ids(self, cots: Sequence[CoT | dict[str, str]]) -> list[list[int]]:
         """Token ids of the CoT answers, without ``<emb>`` (the caller appends the token itself)."""
-        strings = [prompts.format_cot(c, with_emb=False) for c in cots]
+        strings = [prompts.format_cot(_clean_cot(c), with_emb=False) for c in cots]
         return self.tokenizer(strings, add_special_tokens=False)["input_ids"]
 
     def _pad(
@@ -542,6 +565,7 @@ class CIRCoT(nn.Module):
         return self._lm(input_ids, attention_mask, position_ids, image_out).last_hidden_state
 
     def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.index_fill(-1, self._banned_ids.to(logits.device), float("-inf"))
         if not self.config.do_sample:
             return logits.argmax(-1)
         probs = torch.softmax(logits.float() / self.config.sampling_temperature, dim=-1)
@@ -722,7 +746,8 @@ class CIRCoT(nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            self.model.save_pretrained(str(tmp))
+            with _quiet_transformers():
+                self.model.save_pretrained(str(tmp))
             self.processor.save_pretrained(str(tmp))
             self.config.save(tmp / CONFIG_NAME, extra={"versions": _versions()})
             (tmp / "README.md").write_text(self.model_card(results), encoding="utf-8")
@@ -790,6 +815,12 @@ class CIRCoT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _clean_cot(cot: CoT | dict[str, str]) -> dict[str, str]:
+    """A CoT's fields with any special-token strings removed (the tags are added back by format_cot)."""
+    get = cot.get if isinstance(cot, dict) else lambda k, d="": getattr(cot, k, d)
+    return {k: prompts.strip_special_tokens(str(get(k, "") or "")) for k in prompts.COT_FIELDS}
+
+
 def _cut_at(generated: list[int], emb_id: int, stop_ids: Sequence[int]) -> list[int]:
     """Generated ids up to the first ``<emb>`` (kept) or stop token (dropped)."""
     for i, t in enumerate(generated):
@@ -832,7 +863,8 @@ def _load_hf_model(id_or_path: str, dtype: torch.dtype | None) -> nn.Module:
         raise CircotError(f"{id_or_path}: cannot load a model config ({str(exc).splitlines()[0]})") from None
     cls = _model_class(hf_config.model_type)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return cls.from_pretrained(id_or_path, **kwargs)
+    with _quiet_transformers():
+        return cls.from_pretrained(id_or_path, **kwargs)
 
 
 def _load_image_processor(
@@ -867,6 +899,20 @@ def _resize_for_tokenizer(hf: nn.Module, tokenizer: Any, init_new: list[int] | N
             mean = w[: min(old, w.shape[0])].float().mean(0).to(w.dtype)
             for i in init_new:
                 w[i] = mean
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (loading a few-MB model should not draw bars)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _versions() -> dict[str, str]:

@@ -169,6 +169,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def strip_special_tokens(text: str) -> str:
+    """Remove special-token strings (Qwen's and circot's tags) from user text, so it cannot forge an image
+    placeholder or an ``<emb>``."""
+    for tok in QWEN_SPECIAL_TOKENS + SPECIAL_TOKENS:
+        text = text.replace(tok, "")
+    return text
+
+
 def render_prompt(instruction: str, n_image_tokens: int, system: str | None = SYSTEM_PROMPT) -> str:
     """The full prompt text of one image + one instruction, up to and including the assistant header.
 

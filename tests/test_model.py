@@ -1,0 +1,306 @@
+"""CIRCoT on tiny random Qwen2-VL / Qwen2.5-VL models built from configs (no weights, no hub)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from circot import prompts
+from circot.config import CIRCoTConfig
+from circot.errors import CircotError
+from circot.model import CIRCoT, default_model_path
+from circot.prompts import CoT
+
+CORPUS = [
+    "a small red circle left of a big blue square",
+    "make the circle green and move it to the right",
+    "remove the small yellow triangle",
+    "the big purple star above the green square is replaced by a red circle",
+    "add a blue triangle below the circle",
+    "two circles and one square; the target has three objects",
+] * 5
+TEXTS = ["make it red", "remove the small yellow triangle on the left please", "add a star", "swap them"]
+COT = {"caption": "a red circle", "reasoning": "make the circle green", "conclusion": "a green circle"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.cache
+def _tiny(model_type: str) -> CIRCoT:
+    return CIRCoT.tiny(tokenizer_corpus=CORPUS, model_type=model_type, max_cot_tokens=12)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def model(request) -> CIRCoT:
+    """A tiny random model of each supported backbone class."""
+    return _tiny(request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen2() -> CIRCoT:
+    """The tiny Qwen2-VL only (for tests that need one backbone)."""
+    return _tiny("qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list:
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("images")
+    out: list = []
+    for i in range(4):
+        im = Image.fromarray(rng.integers(0, 255, (100 + 10 * i, 120, 3), dtype=np.uint8))
+        if i % 2:
+            path = root / f"im{i}.png"
+            im.save(path)
+            out.append(path)
+        else:
+            out.append(im)
+    return out
+
+
+def _script(model: CIRCoT, text: str, monkeypatch) -> None:
+    """Make generation write ``text`` token by token (then junk), whatever the weights say."""
+    junk = model.tokenizer(" circle", add_special_tokens=False)["input_ids"]
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"] + junk * 50
+
+    def decode(seq, image_out, max_new):
+        done = torch.zeros(seq.input_ids.shape[0], dtype=torch.bool)
+        for step in range(max_new):
+            tok = torch.where(done, model.pad_token_id, torch.full_like(done, ids[step], dtype=torch.long))
+            yield tok
+            done |= torch.isin(tok, torch.tensor([model.emb_token_id, *model.stop_token_ids]))
+            if bool(done.all()):
+                return
+
+    monkeypatch.setattr(model, "_decode_steps", decode)
+    monkeypatch.setattr(model.config, "max_cot_tokens", len(ids))
+
+
+def test_embeddings_are_normalised_float32(model, images):
+    g = model.encode_images(images, batch_size=3)
+    q = model.encode_queries(images, TEXTS, mode="fast")
+    f = model.encode_queries(images, TEXTS, mode="full")
+    for e in (g, q, f):
+        assert e.dtype == np.float32 and e.shape == (4, model.embedding_dim)
+        np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(q, f)
+
+
+def test_batched_equals_one_by_one_despite_left_padding(model, images):
+    for mode in ("fast", "full"):
+        batched = model.encode_queries(images, TEXTS, mode=mode, batch_size=4)
+        single = np.concatenate(
+            [model.encode_queries([im], [t], mode=mode) for im, t in zip(images, TEXTS, strict=True)]
+        )
+        np.testing.assert_allclose(batched, single, atol=1e-4)
+    batched_cots = model.generate_reasoning(images, TEXTS, batch_size=4)
+    single_cots = [model.generate_reasoning([im], [t])[0] for im, t in zip(images, TEXTS, strict=True)]
+    assert [c.raw for c in batched_cots] == [c.raw for c in single_cots]
+    g = model.encode_images(images, batch_size=4)
+    np.testing.assert_allclose(g, np.concatenate([model.encode_images([im]) for im in images]), atol=1e-4)
+
+
+def test_full_mode_returns_parsed_cot_and_matches_given_cot(qwen2, images, monkeypatch):
+    text = prompts.format_cot(COT)  # ends with <emb>; the script goes on with junk after it
+    _script(qwen2, text, monkeypatch)
+    emb, cots = qwen2.encode_queries(images[:2], TEXTS[:2], mode="full", return_reasoning=True)
+    assert all(c.well_formed for c in cots), cots[0].problems
+    assert (cots[0].caption, cots[0].reasoning, cots[0].conclusion) == tuple(COT.values())
+    monkeypatch.undo()
+    given = qwen2.encode_queries(images[:2], TEXTS[:2], mode="full", cots=[COT, CoT(**COT)])
+    np.testing.assert_allclose(emb, given, atol=1e-5)
+
+
+def test_missing_emb_is_appended_and_flagged(qwen2, images, monkeypatch):
+    _script(qwen2, "<caption>a red circle</caption><reasoning>x", monkeypatch)
+    emb, cots = qwen2.encode_queries(images[:1], TEXTS[:1], mode="full", return_reasoning=True)
+    assert not cots[0].well_formed and "no <emb>" in cots[0].problems
+    assert cots[0].caption == "a red circle"
+    np.testing.assert_allclose(np.linalg.norm(emb), 1.0, atol=1e-5)
+
+
+def test_fast_mode_generates_nothing(qwen2, images, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("fast mode must not generate")
+
+    monkeypatch.setattr(qwen2, "_decode_steps", boom)
+    emb, cots = qwen2.encode_queries(images, TEXTS, mode="fast", return_reasoning=True)
+    assert emb.shape == (4, qwen2.embedding_dim) and cots == [None] * 4
+
+
+@pytest.mark.parametrize("rule", ["at_emb", "before_emb"])
+def test_extraction_rule_matches_a_manual_forward_pass(qwen2, images, rule):
+    qwen2.config.extraction = rule
+    try:
+        got = qwen2.encode_queries(images[:1], TEXTS[:1], mode="fast")[0]
+    finally:
+        qwen2.config.extraction = "at_emb"
+    # the same prompt, run through the stock transformers forward (its own rotary index)
+    pixels, grids = qwen2.images(images[:1])
+    n_img = int(grids.prod() // 4)
+    text = prompts.render_prompt(prompts.query_instruction(TEXTS[0], "fast"), n_img) + prompts.EMB_TOKEN
+    ids = qwen2.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert int(ids[0, -1]) == qwen2.emb_token_id
+    with torch.no_grad():
+        out = qwen2.hf.model(
+            input_ids=ids,
+            pixel_values=pixels,
+            image_grid_thw=grids,
+            mm_token_type_ids=(ids == qwen2.image_token_id).int(),
+        )
+    pos = -1 if rule == "at_emb" else -2
+    want = torch.nn.functional.normalize(out.last_hidden_state[0, pos], dim=-1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_build_batch_labels_only_the_cot_answer(qwen2, images):
+    batch = qwen2.build_batch(images[:2], TEXTS[:2], cots=[COT, COT], mode="full")
+    answer = qwen2.tokenizer(prompts.format_cot(COT), add_special_tokens=False)["input_ids"]
+    for row in range(2):
+        labels = batch["labels"][row]
+        kept = labels[labels != -100].tolist()
+        assert kept == answer and kept[-1] == qwen2.emb_token_id
+        # the supervised tokens are the tail of the sequence, prompt and padding are ignored
+        assert labels[-len(answer) :].tolist() == answer
+        assert batch["input_ids"][row, -len(answer) :].tolist() == answer
+    assert batch["position_ids"].shape == (3, *batch["input_ids"].shape)
+    emb, logits = qwen2.embed_batch(batch)
+    assert logits.shape == (*batch["input_ids"].shape, len(qwen2.tokenizer))
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    ) - (emb[0] @ emb[1])
+    loss.backward()
+    grad = qwen2.hf.get_input_embeddings().weight.grad
+    assert grad is not None and grad[qwen2.emb_token_id].abs().sum() > 0
+    qwen2.zero_grad(set_to_none=True)
+    fast = qwen2.build_batch(images[:2], TEXTS[:2], mode="fast")
+    assert bool((fast["labels"] == -100).all())
+    assert qwen2.embed_batch(fast)[1] is None
+
+
+def test_training_batches_embed_like_inference(qwen2, images):
+    with torch.no_grad():
+        gal, _ = qwen2.embed_batch(qwen2.build_batch(images, mode="gallery"))
+        full, _ = qwen2.embed_batch(qwen2.build_batch(images, TEXTS, cots=[COT] * 4, mode="full"))
+    np.testing.assert_allclose(gal.numpy(), qwen2.encode_images(images), atol=1e-5)
+    np.testing.assert_allclose(full.numpy(), qwen2.encode_queries(images, TEXTS, cots=[COT] * 4), atol=1e-5)
+
+
+def test_save_load_gives_identical_embeddings(model, images, tmp_path):
+    out = model.save_pretrained(tmp_path / "m")
+    for name in ("circot_config.json", "config.json", "model.safetensors", "README.md", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert "fingerprint" in (out / "README.md").read_text()
+    assert json.loads((out / "circot_config.json").read_text())["versions"]["transformers"]
+    loaded = CIRCoT.from_pretrained(out)
+    assert loaded.fingerprint == model.fingerprint
+    assert loaded.config.to_dict() == model.config.to_dict()
+    np.testing.assert_array_equal(loaded.encode_images(images), model.encode_images(images))
+    np.testing.assert_array_equal(
+        loaded.encode_queries(images, TEXTS, mode="full"), model.encode_queries(images, TEXTS, mode="full")
+    )
+    model.save_pretrained(out)  # overwriting an existing directory works and leaves no temp folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_lora_save_load_keeps_new_token_rows(qwen2, images, tmp_path):
+    from circot.config import LoRASettings
+
+    base_dir = qwen2.save_pretrained(tmp_path / "base")
+    lora = CIRCoT.from_pretrained(base_dir, lora=LoRASettings(r=4, alpha=8, dropout=0.0))
+    assert lora.is_lora and 0 < lora.num_parameters(trainable_only=True) < lora.num_parameters() / 2
+    before = lora.encode_queries(images, TEXTS, mode="fast")
+    # a "training step": move every trainable tensor (LoRA matrices and the circot token rows)
+    with torch.no_grad():
+        for name, p in lora.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+                assert "lora_" in name or "trainable_tokens" in name, name
+    after = lora.encode_queries(images, TEXTS, mode="fast")
+    assert not np.allclose(before, after)
+    out = lora.save_pretrained(tmp_path / "adapter")
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    reloaded = CIRCoT.from_pretrained(out)
+    assert reloaded.is_lora and reloaded.fingerprint == lora.fingerprint
+    np.testing.assert_allclose(reloaded.encode_queries(images, TEXTS, mode="fast"), after, atol=1e-6)
+    emb_row = reloaded.hf.get_input_embeddings()(torch.tensor([reloaded.emb_token_id]))
+    base_row = qwen2.hf.get_input_embeddings()(torch.tensor([qwen2.emb_token_id]))
+    assert not torch.allclose(emb_row, base_row)
+
+
+def test_gradient_checkpointing_switch(qwen2, images):
+    qwen2.set_gradient_checkpointing(True)
+    try:
+        qwen2.train()
+        emb, _ = qwen2.embed_batch(qwen2.build_batch(images[:2], mode="gallery"))
+        emb.sum().backward()
+        assert qwen2.hf.model.language_model.gradient_checkpointing
+    finally:
+        qwen2.eval()
+        qwen2.set_gradient_checkpointing(False)
+        qwen2.zero_grad(set_to_none=True)
+    assert not qwen2.config.gradient_checkpointing
+
+
+def test_stream_reasoning_yields_the_generated_text(qwen2, images, monkeypatch):
+    _script(qwen2, prompts.format_cot(COT), monkeypatch)
+    pieces = list(qwen2.stream_reasoning(images[0], TEXTS[0]))
+    assert len(pieces) > 3 and "".join(pieces) == prompts.format_cot(COT, with_emb=False)
+
+
+def test_fingerprint_changes_with_weights(qwen2):
+    fp = qwen2.fingerprint
+    assert fp == qwen2.fingerprint and len(fp) == 16
+    w = qwen2.hf.lm_head.weight
+    with torch.no_grad():
+        w[0, 0] += 1.0
+    try:
+        assert qwen2.fingerprint != fp
+    finally:
+        with torch.no_grad():
+            w[0, 0] -= 1.0
+
+
+def test_user_errors_are_one_line(qwen2, images, tmp_path):
+    with pytest.raises(CircotError, match="mode"):
+        qwen2.encode_queries(images, TEXTS, mode="slow")
+    with pytest.raises(CircotError, match="texts"):
+        qwen2.encode_queries(images, TEXTS[:2])
+    with pytest.raises(CircotError, match="missing.png"):
+        qwen2.encode_images([tmp_path / "missing.png"])
+    with pytest.raises(CircotError, match="not a model directory"):
+        CIRCoT.from_pretrained(tmp_path)
+
+
+def test_default_model_missing_is_a_clear_error():
+    if (default_model_path() / "circot_config.json").is_file():
+        pytest.skip("the shipped model exists")
+    with pytest.raises(CircotError, match="shipped model"):
+        CIRCoT.from_pretrained(None)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = CIRCoTConfig(extraction="before_emb", lora={"r": 8, "alpha": 16}, min_pixels=100, max_pixels=200)
+    path = cfg.save(tmp_path / "c.json")
+    assert CIRCoTConfig.load(path) == cfg and cfg.lora.r == 8
+    assert CIRCoTConfig.from_dict(cfg.to_dict()) == cfg
+    from circot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="extraction"):
+        CIRCoTConfig(extraction="mean")
+    with pytest.raises(ConfigError, match="unknown"):
+        CIRCoTConfig.from_dict({"nope": 1})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="bad.json"):
+        CIRCoTConfig.load(tmp_path / "bad.json")
