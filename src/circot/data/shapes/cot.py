@@ -1,0 +1,126 @@
+"""Gold chains of thought, the CoT scorer, and the text corpus of the shapes world."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from circot.data.records import CIRQuery
+from circot.data.shapes import grammar as g
+from circot.data.shapes.sampling import FAMILIES, NOVEL_SUBSETS, make_world, sample_query, split_rules
+from circot.data.shapes.scene import COLORS, PLURALS, POSITIONS, SHAPES, SIZES, describe, split_clauses
+from circot.errors import DataError
+from circot.prompts import CoT, format_cot, parse_cot
+
+
+def gold_cot(query: CIRQuery) -> CoT:
+    """The gold caption / reasoning / conclusion of a shapes query (from ``extras['gold_cot']``)."""
+    gold = query.extras.get("gold_cot")
+    if not isinstance(gold, Mapping):
+        raise DataError(f"shapes: query {query.query_id!r} has no gold_cot")
+    cot = CoT(caption=gold["caption"], reasoning=gold["reasoning"], conclusion=gold["conclusion"])
+    cot.raw = format_cot(cot)
+    return cot
+
+
+def _as_cot(item: CoT | Mapping[str, Any] | str) -> CoT:
+    if isinstance(item, CoT):
+        return item
+    if isinstance(item, str):
+        return parse_cot(item)
+    return CoT.from_dict(dict(item))
+
+
+def canonical_description(text: str) -> tuple[str, ...]:
+    """A description's normalised clauses in sorted order: equal for descriptions of the same scene."""
+    return tuple(sorted(split_clauses(text)))
+
+
+def _prf(generated: list[str], gold: list[str]) -> tuple[float, float, float]:
+    if not generated and not gold:
+        return 1.0, 1.0, 1.0
+    hits = sum((Counter(generated) & Counter(gold)).values())
+    p = hits / len(generated) if generated else 0.0
+    r = hits / len(gold) if gold else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return p, r, f
+
+
+def score_cot(
+    generated: Sequence[CoT | Mapping[str, Any] | str], gold: Sequence[CoT | Mapping[str, Any] | str]
+) -> dict[str, float]:
+    """Compare generated chains of thought with the gold ones, pair by pair; means over pairs, in [0, 1].
+
+    - caption_precision / _recall / _f1: object level — each clause (one object: size, colour, shape,
+      position) of the generated caption counts when it equals a gold clause after normalisation.
+    - conclusion_exact: the conclusion holds exactly the gold clauses (order, case, spacing, final punctuation
+      ignored); conclusion_precision / _recall / _f1 as for the caption.
+    - well_formed: all three parts present, closed and in order (``CoT.well_formed``).
+    Strings are parsed with :func:`circot.prompts.parse_cot`; dicts need caption/reasoning/conclusion.
+    """
+    if len(generated) != len(gold):
+        raise DataError(f"score_cot: {len(generated)} generated CoTs for {len(gold)} gold CoTs")
+    keys = ("caption_precision", "caption_recall", "caption_f1", "conclusion_exact", "conclusion_precision",
+            "conclusion_recall", "conclusion_f1", "well_formed")  # fmt: skip
+    if not generated:
+        return {k: 0.0 for k in keys}
+    sums = dict.fromkeys(keys, 0.0)
+    for gen_item, gold_item in zip(generated, gold, strict=True):
+        gen, ref = _as_cot(gen_item), _as_cot(gold_item)
+        p, r, f = _prf(split_clauses(gen.caption), split_clauses(ref.caption))
+        sums["caption_precision"] += p
+        sums["caption_recall"] += r
+        sums["caption_f1"] += f
+        p, r, f = _prf(split_clauses(gen.conclusion), split_clauses(ref.conclusion))
+        sums["conclusion_precision"] += p
+        sums["conclusion_recall"] += r
+        sums["conclusion_f1"] += f
+        sums["conclusion_exact"] += float(
+            canonical_description(gen.conclusion) == canonical_description(ref.conclusion)
+        )
+        sums["well_formed"] += float(bool(gen.well_formed))
+    return {k: v / len(generated) for k, v in sums.items()}
+
+
+def _template_lines() -> Iterator[str]:
+    """Every paraphrase template, filled with example words, so that every template word occurs."""
+    ref, sel = "the red circle", "all circles"
+    fill = dict(ref=ref, a=ref, b="the blue star", value="blue", cmp="bigger", verb="enlarge", new="a small green star",
+                pos="top left", dir="up", rel="left of", anchor="the blue square", sel=sel, plural="stars",
+                t1="remove the red circle", t2="add a small green star at the top left")  # fmt: skip
+    for name in dir(g):
+        if name.startswith("T_"):
+            for t in getattr(g, name):
+                yield t.format(**fill)
+
+
+def corpus(seed: int = 0, n_per_family: int = 40) -> Iterator[str]:
+    """Every kind of text the world produces: captions, edit texts, reasoning, conclusions.
+
+    Deterministic. It first names every colour, shape, size, position, relation and template, then
+    yields ``n_per_family`` sampled queries per edit family for train rules and for each test-novel subset
+    (caption, text, reasoning, conclusion each). Enough to train the tiny model's tokenizer.
+    """
+    for size, color, shape in itertools.product(SIZES, COLORS, SHAPES):
+        yield f"a {size} {color} {shape}; all {PLURALS[shape]}; all {color} objects; all {size} shapes"
+    yield "; ".join(f"the object at the {p}" for p in POSITIONS.values())
+    yield "; ".join(f"the shape {w} it" for w in g.REL_WORDS.values())
+    yield from _template_lines()
+    world = make_world(seed)
+    rng = np.random.default_rng([seed, 104729])
+    settings = [(None, None, FAMILIES)] + [("test-novel", s, FAMILIES) for s in NOVEL_SUBSETS]
+    for split, subset, families in settings:
+        rules = split_rules(world, split or "train", subset)
+        for family in families:
+            if family not in rules.families:
+                continue
+            for _ in range(n_per_family):
+                q = sample_query(rng, family, rules, subset)
+                yield describe(q.reference)
+                yield q.realization.text
+                yield q.realization.reasoning
+                yield describe(q.target)
