@@ -40,5 +40,34 @@ def check(
 # --- `circot data shapes` (generator of the shapes world) goes below this line. -------------------------------
 
 
+@data_app.command("shapes")
+def shapes(
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder (created; must be empty unless --overwrite)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="World seed: held-out combinations, scenes, texts, renderings."
+    ),
+    n_train: int = typer.Option(20000, "--n-train", help="Training queries."),
+    n_val: int = typer.Option(1000, "--n-val", help="Validation queries."),
+    n_test: int = typer.Option(1000, "--n-test", help="Test queries."),
+    n_novel: int = typer.Option(1000, "--n-novel", help="test-novel queries (three held-out subsets)."),
+    image_size: int = typer.Option(112, "--image-size", help="Image side in pixels."),
+    workers: int = typer.Option(
+        1, "--workers", help="Rendering processes (the output does not depend on it)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a shapes dataset already in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Generate the shapes world (images, annotations, dataset card), with a progress bar."""
+    from circot.data.shapes import generate_report
+
+    report = generate_report(
+        out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, n_novel=n_novel,
+        image_size=image_size, workers=workers, overwrite=overwrite, progress=not as_json,
+    )  # fmt: skip
+    typer.echo(json.dumps(report, indent=2) if as_json else report["summary"])
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")

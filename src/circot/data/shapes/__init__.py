@@ -12,7 +12,7 @@ Public API: :data:`SPLITS`, :func:`generate`, :func:`load`, :func:`gold_cot`, :f
 from __future__ import annotations
 
 from circot.data.shapes.cot import canonical_description, corpus, gold_cot, score_cot
-from circot.data.shapes.generate import GENERATOR_VERSION, generate
+from circot.data.shapes.generate import GENERATOR_VERSION, generate, generate_report
 from circot.data.shapes.loader import SPLITS, image_scenes, load, read_annotations
 from circot.data.shapes.render import render_scene
 from circot.data.shapes.sampling import FAMILIES, NOVEL_SUBSETS, World, make_world
@@ -28,6 +28,7 @@ __all__ = [
     "corpus",
     "describe",
     "generate",
+    "generate_report",
     "gold_cot",
     "image_scenes",
     "load",

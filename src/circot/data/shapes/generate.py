@@ -301,33 +301,84 @@ def generate(
         overwrite: replace a shapes dataset already in ``out_dir``.
         progress: show progress bars.
     """
+    return Path(
+        generate_report(
+            out_dir, seed, n_train, n_val, n_test, n_novel, image_size, workers, overwrite, progress
+        )["out"]
+    )
+
+
+def generate_report(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_train: int = 20000,
+    n_val: int = 1000,
+    n_test: int = 1000,
+    n_novel: int = 1000,
+    image_size: int = 112,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`generate`, returning a summary: output folder, timings, sizes, families and subsets per split."""
     out_dir = Path(out_dir)
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_novel", n_novel)):
         if n < 0:
             raise CircotError(f"{name} must be >= 0, got {n}")
     if image_size < 16:
         raise CircotError(f"image_size must be at least 16 pixels, got {image_size}")
+    if workers < 1:
+        raise CircotError(f"workers must be >= 1, got {workers}")
     _prepare_out_dir(out_dir, overwrite)
     world = make_world(seed)
     sizes = {"train": n_train, "val": n_val, "test": n_test, "test-novel": n_novel}
     t0 = time.perf_counter()
-    plans = [plan_split(world, split, n, seed) for split, n in sizes.items() if n > 0]
+    split_iter = [(split, n) for split, n in sizes.items() if n > 0]
+    plans = []
+    from tqdm.auto import tqdm
+
+    for split, n in tqdm(split_iter, desc="sampling", unit="split", disable=not progress):
+        plans.append(plan_split(world, split, n, seed))
     t_plan = time.perf_counter() - t0
-    _render_all(out_dir, plans, seed, image_size, max(1, workers), progress)
+    _render_all(out_dir, plans, seed, image_size, workers, progress)
     t_render = time.perf_counter() - t0 - t_plan
     for plan in plans:
         _atomic_write_bytes(out_dir / f"{plan.split}.json", dumps(_split_json(plan, world, seed, image_size)))
         _atomic_write_bytes(out_dir / f"{plan.split}_gallery.txt", ("\n".join(plan.gallery) + "\n").encode())
     _atomic_write_bytes(out_dir / "README.md", dataset_card(plans, world, seed, image_size).encode("utf-8"))
-    log.info(
-        "shapes: wrote %d queries and %d images to %s (sampling %.1fs, rendering %.1fs)",
-        sum(len(p.queries) for p in plans),
-        sum(len(p.images) for p in plans),
-        out_dir,
-        t_plan,
-        t_render,
+    seconds = time.perf_counter() - t0
+    splits = {
+        p.split: {
+            "queries": len(p.queries),
+            "images": len(p.images),
+            "gallery": len(p.gallery),
+            "families": dict(sorted(Counter(q["family"] for q in p.queries).items())),
+            "subsets": dict(sorted(Counter(q["subset"] for q in p.queries if q["subset"]).items())),
+        }
+        for p in plans
+    }
+    n_q = sum(v["queries"] for v in splits.values())
+    n_img = sum(v["images"] for v in splits.values())
+    summary = (
+        f"shapes world (seed {seed}, generator {GENERATOR_VERSION}) written to {out_dir}: "
+        f"{n_q} queries, {n_img} images in {seconds:.1f}s "
+        f"(sampling {t_plan:.1f}s, rendering {t_render:.1f}s)\n"
+        + "\n".join(
+            f"  {name}: {v['queries']} queries, {v['images']} images, gallery {v['gallery']}"
+            for name, v in splits.items()
+        )
     )
-    return out_dir
+    log.debug("%s", summary)
+    return {
+        "out": str(out_dir),
+        "seed": seed,
+        "generator_version": GENERATOR_VERSION,
+        "image_size": image_size,
+        "seconds": {"total": seconds, "sampling": t_plan, "rendering": t_render},
+        "splits": splits,
+        "world": world.to_dict(),
+        "summary": summary,
+    }
 
 
 # --- dataset card ----------------------------------------------------------------------------------------------
