@@ -81,7 +81,7 @@ def test_cirr_validation_problems(cirr_root, tmp_path):
     assert "unknown query id '99999'" in text
     assert "must not be in the ranking" in text
     assert "appears twice" in text
-    assert report.warnings and "indented" in report.warnings[0]
+    assert any("indented" in p for p in report.format_problems) and not report.ok
     bad_subset = dict(subset, version="rc1")
     bad_subset[q0] = [split.gallery.ids[-1], *subset[q0][:2]]
     path.write_text(json.dumps(bad_subset))
@@ -90,12 +90,17 @@ def test_cirr_validation_problems(cirr_root, tmp_path):
     assert any("not a member of its image set" in p for p in report.problems)
 
 
-def test_cirr_size_limit(cirr_root, tmp_path, monkeypatch):
-    split = load_split("cirr", cirr_root, "test1")
+def test_cirr_size_limit_and_indentation_block_upload_not_scoring(cirr_root, tmp_path, monkeypatch):
+    split = load_split("cirr", cirr_root, "val")
     paths = submission.write_cirr_submission(split, tmp_path, random_scores(split))
+    expected = submission.score_predictions(split, paths).metrics
     monkeypatch.setattr(submission, "CIRR_MAX_BYTES", 100)
     report = submission.validate_cirr_file(split, paths[0])
-    assert any("at most 5 MB" in p for p in report.problems)
+    assert not report.ok and any("at most 5 MB" in p for p in report.format_problems)
+    with pytest.raises(CircotError, match="at most 5 MB"):
+        submission.raise_for_reports([report])
+    paths[1].write_text(json.dumps(json.loads(paths[1].read_text()), indent=1))
+    assert submission.score_predictions(split, paths).metrics == expected
 
 
 def test_duplicate_json_key_is_reported(cirr_root, tmp_path):

@@ -406,6 +406,8 @@ def _conventions(split: CIRSplit, mask_reference: bool, source: str) -> dict[str
         conv["mask_reference"] = f"{mask_reference} (differs from the official protocol)"
     if split.dataset == "cirr":
         conv["recall_subset"] = "ranking filtered to img_set members minus the reference (5 candidates)"
+    if split.dataset == "circo":
+        conv["recall"] = "R@K counts target_img_id only"
     conv["ranking"] = _SORT_NOTE if source == "scores" else source
     return conv
 
@@ -512,6 +514,9 @@ def evaluate_ranked(
             norm_subset[q.query_id] = ids
     conv = dict(split.conventions)
     conv["ranking"] = source
+    conv["mask_reference"] = "as in the rankings"
+    if split.dataset == "circo":
+        conv["recall"] = "R@K counts target_img_id only"
     if split.dataset == "cirr":
         conv["mask_reference"] = True
         conv["recall_subset"] = (

@@ -130,7 +130,11 @@ def _require(split: CIRSplit, dataset: str) -> None:
 
 @dataclass
 class FileReport:
-    """Validation result of one submission file: ``problems`` block an upload, ``warnings`` do not."""
+    """Validation result of one submission file.
+
+    ``problems`` make the file wrong; ``format_problems`` (CIRR size limit, indentation) make the server refuse
+    it but do not change its metrics, so local scoring accepts them; ``warnings`` are advice.
+    """
 
     path: Path
     dataset: str
@@ -138,19 +142,24 @@ class FileReport:
     n_queries: int = 0
     size_bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    format_problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     data: Any = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.format_problems
+
+    @property
+    def all_problems(self) -> list[str]:
+        return self.problems + self.format_problems
 
     def line(self) -> str:
         what = f"{self.dataset} {self.metric}" if self.metric else self.dataset
         if self.ok:
             text = f"{self.path}: ok ({what}, {self.n_queries} queries, {self.size_bytes / 1e6:.2f} MB)"
         else:
-            text = f"{self.path}: {len(self.problems)} problem(s): {self.problems[0]}"
+            text = f"{self.path}: {len(self.all_problems)} problem(s): {self.all_problems[0]}"
         if self.warnings:
             text += f"; warning: {self.warnings[0]}"
         return text
@@ -163,12 +172,12 @@ class FileReport:
             "ok": self.ok,
             "n_queries": self.n_queries,
             "size_bytes": self.size_bytes,
-            "problems": self.problems,
+            "problems": self.all_problems,
             "warnings": self.warnings,
         }
 
 
-def _load_file(path: Path, report: FileReport) -> Any:
+def _load_file(path: Path, report: FileReport, compact: bool = False) -> Any:
     try:
         report.size_bytes = path.stat().st_size
     except OSError:
@@ -184,7 +193,8 @@ def _load_file(path: Path, report: FileReport) -> Any:
         return None
     text = path.read_text(encoding="utf-8", errors="replace").strip()
     if "\n" in text:
-        report.warnings.append("the JSON is indented over several lines; write it compact (no indent=)")
+        message = "the JSON is indented over several lines; write it compact (no indent=)"
+        (report.format_problems if compact else report.warnings).append(message)
     return data
 
 
@@ -248,11 +258,11 @@ def validate_cirr_file(split: CIRSplit, path: str | Path) -> FileReport:
     """Check one CIRR test-server file (``recall`` or ``recall_subset``) against ``split``."""
     path = Path(path)
     report = FileReport(path=path, dataset="cirr")
-    data = _load_file(path, report)
+    data = _load_file(path, report, compact=True)
     if data is None:
         return report
     if report.size_bytes >= CIRR_MAX_BYTES:
-        report.problems.append(
+        report.format_problems.append(
             f"file is {report.size_bytes / 1e6:.2f} MB; the CIRR server accepts at most 5 MB"
         )
     if data.get("version") != CIRR_VERSION:
@@ -314,12 +324,14 @@ def validate_files(split: CIRSplit, paths: Sequence[str | Path]) -> list[FileRep
     raise CircotError(f"no test server for {split.dataset}; choose one of: {', '.join(SUBMISSION_DATASETS)}")
 
 
-def raise_for_reports(reports: Sequence[FileReport]) -> None:
-    """Raise a one-line :class:`CircotError` for the first file with problems."""
+def raise_for_reports(reports: Sequence[FileReport], include_format: bool = True) -> None:
+    """Raise a one-line :class:`CircotError` for the first file with problems (``include_format=False``:
+    ignore size and indentation, which do not change the metrics)."""
     for r in reports:
-        if not r.ok:
-            more = f" (and {len(r.problems) - 1} more problems)" if len(r.problems) > 1 else ""
-            raise CircotError(f"{r.path}: {r.problems[0]}{more}")
+        problems = r.all_problems if include_format else r.problems
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise CircotError(f"{r.path}: {problems[0]}{more}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -385,9 +397,9 @@ def score_predictions(split: CIRSplit, paths: Sequence[str | Path]) -> metrics.E
     if split.dataset == "shapes":
         return _score_generic(split, paths)
     reports = validate_files(split, paths)
-    raise_for_reports(reports)
+    raise_for_reports(reports, include_format=False)
     for r in reports:
-        for w in r.warnings:
+        for w in r.format_problems + r.warnings:
             logger.warning("%s: %s", r.path, w)
     if split.dataset == "cirr":
         by_metric = {r.metric: r for r in reports}

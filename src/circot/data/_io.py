@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from circot.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -99,6 +102,16 @@ def write_json_atomic(path: Path, obj: Any, *, indent: int | None = None) -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def gallery_size_note(what: str, n: int, official: int | None) -> str:
+    """A conventions entry saying whether a gallery has its official size (logged when it does not)."""
+    if official is None or n == official:
+        return f"{n} images" + (" (official)" if official is not None else "")
+    logger.warning(
+        "%s gallery has %d images; the official one has %d: numbers are not comparable", what, n, official
+    )
+    return f"{n} images, NOT the official {official}"
 
 
 def list_dir_names(folder: Path) -> set[str]:

@@ -205,11 +205,15 @@ def check_loaded(
     sample: int = 50,
     seed: int = 0,
     workers: int = 4,
+    listings: dict[Path, dict[str, int]] | None = None,
 ) -> SplitReport:
-    """Fill ``report`` with the image checks of a loaded split."""
+    """Fill ``report`` with the image checks of a loaded split.
+
+    ``listings`` caches folder listings (name -> size) between splits that share image folders.
+    """
     ids, paths = _needed_images(split)
     report.n_images = len(ids)
-    folders: dict[Path, dict[str, int]] = {}
+    folders: dict[Path, dict[str, int]] = {} if listings is None else listings
     present: list[tuple[str, Path]] = []
     for image_id in ids:
         path = paths[image_id]
@@ -273,6 +277,7 @@ def check_dataset(
     units = _units(dataset, root, split)
     expected_table: dict = getattr(module, "EXPECTED_COUNTS", {}) if official_counts else {}
     reports = []
+    listings: dict[Path, dict[str, int]] = {}
     for split_name, category in units:
         report = SplitReport(dataset=dataset, split=split_name, category=category)
         options = {"category": category} if category else {}
@@ -294,7 +299,7 @@ def check_dataset(
                     f"COCO 2017 unlabeled is commonly quoted at {COCO_UNLABELED_IMAGES} images; "
                     f"this image info file lists {report.n_gallery}"
                 )
-        check_loaded(loaded, report, decode=decode, sample=sample, seed=seed)
+        check_loaded(loaded, report, decode=decode, sample=sample, seed=seed, listings=listings)
         logger.debug("checked %s", report.label)
         reports.append(report)
     return CheckReport(dataset=dataset, root=root, splits=reports)

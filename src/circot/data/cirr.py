@@ -21,6 +21,7 @@ import logging
 from pathlib import Path, PurePosixPath
 
 from circot.data._io import (
+    gallery_size_note,
     list_dir_names,
     read_json,
     read_json_list,
@@ -177,6 +178,7 @@ def load(root: Path, split: str, image_dir: str | Path | None = None) -> CIRSpli
     conventions = {
         "annotations": VERSION,
         "gallery": f"keys of {split_path.name}",
+        "gallery_size": gallery_size_note(f"cirr {split}", len(split_map), EXPECTED_COUNTS[split][1]),
         "caption": "caption as given",
     }
     logger.info("cirr %s: %d queries, %d gallery images", split, len(queries), len(split_map))

@@ -26,7 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from circot.data._io import list_dir_names, read_json_list, record_error, require_fields, require_str
+from circot.data._io import (
+    gallery_size_note,
+    list_dir_names,
+    read_json_list,
+    record_error,
+    require_fields,
+    require_str,
+)
 from circot.data.records import CIRQuery, CIRSplit, Gallery
 from circot.errors import DataError
 
@@ -209,7 +216,14 @@ def load(
         "category": category,
         "caption_join": caption_join if caption_join != "random" else f"random (seed={seed})",
         "gallery": gallery,
-        "gallery_sizes": {cat: len(category_galleries[cat]) for cat in cats},
+        "gallery_sizes": {
+            cat: gallery_size_note(
+                f"fashioniq {cat} {split}",
+                len(category_galleries[cat]),
+                EXPECTED_COUNTS[(cat, split)][1] if gallery == "official" else None,
+            )
+            for cat in cats
+        },
     }
     logger.info("fashioniq %s %s: %d queries, %d gallery images", category, split, len(queries), len(all_ids))
     return FashionIQSplit(
