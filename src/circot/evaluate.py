@@ -1,0 +1,336 @@
+"""The whole benchmark in one call: what ``circot eval`` runs.
+
+load split → embed the gallery (embedding cache) → reason about each query (``full`` mode; generated CoT cached
+by model fingerprint, reference-image hash and text) → embed the queries from their CoT → similarity matrix →
+official metrics (:func:`circot.metrics.evaluate`) → for the shapes world, the reasoning scores of the generated
+CoT against the gold one (:func:`circot.data.shapes.score_cot`) → test-server / predictions files on request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from circot.cache import CoTCache, EmbeddingCache, default_cache_dir, hash_file
+from circot.data.records import CIRSplit
+from circot.errors import CircotError, DataError
+from circot.gallery import encode_gallery
+from circot.prompts import CoT
+from circot.search import MODES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationReport:
+    """Result of :func:`evaluate`: metrics (None when the split has no public ground truth), reasoning scores,
+    timings (seconds), cache use and the files written."""
+
+    dataset: str
+    split: str
+    mode: str
+    model_fingerprint: str
+    n_queries: int
+    n_gallery: int
+    metrics: Any = None  # circot.metrics.EvalResult
+    cot_scores: dict[str, float] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    model: str | None = None
+    query_ids: list[str] = field(default_factory=list)
+    cots: list[CoT | None] = field(default_factory=list)
+    scores: np.ndarray | None = None  # (n_queries, n_gallery) similarity matrix
+
+    def to_dict(self, with_cots: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "dataset": self.dataset,
+            "split": self.split,
+            "mode": self.mode,
+            "model": self.model,
+            "model_fingerprint": self.model_fingerprint,
+            "n_queries": self.n_queries,
+            "n_gallery": self.n_gallery,
+            "metrics": self.metrics.metrics if self.metrics is not None else None,
+            "conventions": self.metrics.conventions if self.metrics is not None else None,
+            "cot_scores": self.cot_scores,
+            "timings": self.timings,
+            "cache": self.cache,
+            "files": self.files,
+        }
+        if with_cots:
+            out["cots"] = {
+                qid: None if c is None else {k: getattr(c, k) for k in ("caption", "reasoning", "conclusion")}
+                for qid, c in zip(self.query_ids, self.cots, strict=True)
+            }
+        return out
+
+    def format(self) -> str:
+        lines = [f"model {self.model or '?'} [{self.model_fingerprint}], {self.mode} mode"]
+        if self.metrics is not None:
+            lines.append(self.metrics.format())
+        else:
+            lines.append(f"{self.dataset} {self.split}: {self.n_queries} queries (no public ground truth)")
+        if self.cot_scores:
+            lines.append("reasoning vs gold CoT:")
+            lines += [f"  {k:<20} {v * 100:6.2f}" for k, v in self.cot_scores.items()]
+        t = self.timings
+        lines.append(
+            "time: " + ", ".join(f"{k[:-2] if k.endswith('_s') else k} {v:.1f}s" for k, v in t.items())
+        )
+        if self.cache:
+            lines.append("cache: " + ", ".join(f"{k} {v}" for k, v in self.cache.items()))
+        for f in self.files:
+            lines.append(f"wrote {f}")
+        return "\n".join(lines)
+
+
+def _query_images(split: CIRSplit) -> list[Path]:
+    paths = []
+    for i, q in enumerate(split.queries):
+        try:
+            paths.append(Path(split.image_path(q.reference)))
+        except KeyError:
+            raise DataError(
+                f"{split.dataset} {split.split}: query {i} ({q.query_id}) references image {q.reference!r} "
+                "which has no file"
+            ) from None
+    return paths
+
+
+def _generate_cots(
+    model: Any,
+    images: Sequence[Path],
+    texts: Sequence[str],
+    cache: CoTCache | None,
+    batch_size: int,
+    flush_every: int,
+    progress: bool,
+) -> tuple[list[CoT], int]:
+    """CoT per query, generating only the ones missing from the cache; returns (cots, cache hits)."""
+    keys = [CoTCache.key(hash_file(p), t) for p, t in zip(images, texts, strict=True)]
+    out: list[CoT | None] = [None] * len(keys)
+    for i, k in enumerate(keys):
+        hit = cache.get(k) if cache is not None else None
+        if hit is not None:
+            out[i] = _cached_cot(hit)
+    hits = sum(c is not None for c in out)
+    todo = [i for i, c in enumerate(out) if c is None]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="reasoning", unit="query")
+    pending: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        cots = model.generate_reasoning(
+            [str(images[i]) for i in rows], [texts[i] for i in rows], batch_size=len(rows)
+        )
+        for i, c in zip(rows, cots, strict=True):
+            out[i] = c
+            pending[keys[i]] = {
+                "caption": c.caption,
+                "reasoning": c.reasoning,
+                "conclusion": c.conclusion,
+                "well_formed": c.well_formed,
+                "problems": list(c.problems),
+                "raw": c.raw,
+            }
+        if cache is not None and len(pending) >= flush_every:
+            cache.put(pending)
+            pending = {}
+        if bar is not None:
+            bar.update(len(rows))
+    if cache is not None:
+        cache.put(pending)
+    if bar is not None:
+        bar.close()
+    return out, hits  # type: ignore[return-value]
+
+
+def _cached_cot(entry: dict[str, Any]) -> CoT:
+    return CoT(
+        caption=entry.get("caption", ""),
+        reasoning=entry.get("reasoning", ""),
+        conclusion=entry.get("conclusion", ""),
+        well_formed=bool(entry.get("well_formed", True)),
+        problems=list(entry.get("problems", [])),
+        raw=entry.get("raw", ""),
+    )
+
+
+def write_submission(split: CIRSplit, scores: np.ndarray, out_dir: str | Path) -> list[Path]:
+    """Test-server files (CIRR, CIRCO) or predictions files (FashionIQ, shapes) for ``scores`` in ``out_dir``."""
+    from circot import submission
+
+    out_dir = Path(out_dir)
+    if split.dataset == "cirr":
+        return list(submission.write_cirr_submission(split, out_dir, scores))
+    if split.dataset == "circo":
+        return [submission.write_circo_submission(split, out_dir / f"circo_{split.split}.json", scores)]
+    return [
+        submission.write_predictions(
+            split, out_dir / f"{split.dataset}_{split.split}_predictions.json", scores
+        )
+    ]
+
+
+def evaluate_split(
+    model: Any,
+    split: CIRSplit,
+    mode: str = "full",
+    batch_size: int = 16,
+    gallery_batch_size: int = 32,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    submission_dir: str | Path | None = None,
+    model_ref: str | None = None,
+    keep_scores: bool = False,
+    progress: bool = False,
+) -> EvaluationReport:
+    """Evaluate ``model`` on a loaded split (see :func:`evaluate`)."""
+    from circot import metrics
+
+    if mode not in MODES:
+        raise CircotError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if not split.queries:
+        raise DataError(f"{split.dataset} {split.split}: no queries")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    fp = model.fingerprint
+    timings: dict[str, float] = {}
+    cache_info: dict[str, int] = {}
+
+    t0 = time.perf_counter()
+    gallery_paths = [Path(split.gallery.paths[i]) for i in split.gallery.ids]
+    emb_cache = EmbeddingCache(root, fp, dim=getattr(model, "embedding_dim", None)) if use_cache else None
+    before = len(emb_cache) if emb_cache is not None else 0
+    gallery = encode_gallery(
+        model, gallery_paths, emb_cache, gallery_batch_size, rank=0, world_size=1, progress=progress
+    )
+    timings["gallery_s"] = time.perf_counter() - t0
+    if emb_cache is not None:
+        cache_info["gallery_encoded"] = len(emb_cache) - before
+        cache_info["gallery_cached"] = len(gallery_paths) - cache_info["gallery_encoded"]
+
+    images = _query_images(split)
+    texts = [q.text for q in split.queries]
+    cots: list[CoT | None] = [None] * len(texts)
+    if mode == "full":
+        t0 = time.perf_counter()
+        cot_cache = CoTCache(root, fp) if use_cache else None
+        cots, hits = _generate_cots(model, images, texts, cot_cache, batch_size, 256, progress)  # type: ignore[assignment]
+        timings["reasoning_s"] = time.perf_counter() - t0
+        cache_info["cot_cached"] = hits
+        cache_info["cot_generated"] = len(texts) - hits
+    t0 = time.perf_counter()
+    queries = np.asarray(
+        model.encode_queries(
+            [str(p) for p in images],
+            texts,
+            mode=mode,
+            batch_size=batch_size,
+            cots=cots if mode == "full" else None,
+        ),
+        np.float32,
+    )
+    timings["queries_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = queries @ np.asarray(gallery, np.float32).T
+    result = None
+    if any(q.targets for q in split.queries):
+        result = metrics.evaluate(split, scores)
+    timings["scoring_s"] = time.perf_counter() - t0
+
+    cot_scores = None
+    if split.dataset == "shapes" and mode == "full":
+        cot_scores = _shapes_cot_scores(split, cots)
+
+    files: list[str] = []
+    if submission_dir is not None:
+        files = [str(p) for p in write_submission(split, scores, submission_dir)]
+    return EvaluationReport(
+        dataset=split.dataset,
+        split=split.split,
+        mode=mode,
+        model_fingerprint=fp,
+        model=model_ref,
+        n_queries=len(split.queries),
+        n_gallery=len(split.gallery.ids),
+        metrics=result,
+        cot_scores=cot_scores,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        cache=cache_info,
+        files=files,
+        query_ids=[q.query_id for q in split.queries],
+        cots=cots,
+        scores=scores if keep_scores else None,
+    )
+
+
+def _shapes_cot_scores(split: CIRSplit, cots: Sequence[CoT | None]) -> dict[str, float] | None:
+    try:
+        from circot.data.shapes import gold_cot, score_cot
+    except ImportError:  # pragma: no cover - the shapes package provides both
+        logger.warning("circot.data.shapes has no score_cot/gold_cot; reasoning scores skipped")
+        return None
+    gold = [gold_cot(q) for q in split.queries]
+    return {k: float(v) for k, v in score_cot([c or CoT() for c in cots], gold).items()}
+
+
+def evaluate(
+    model: Any,
+    dataset: str,
+    root: str | Path,
+    split: str,
+    mode: str = "full",
+    batch_size: int = 16,
+    gallery_batch_size: int = 32,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    submission_dir: str | Path | None = None,
+    limit: int | None = None,
+    model_ref: str | None = None,
+    progress: bool = False,
+    **load_options: Any,
+) -> EvaluationReport:
+    """Evaluate ``model`` on ``dataset``/``split`` under ``root`` with the official metrics.
+
+    ``limit``: evaluate the first ``limit`` queries only (quick checks; the gallery stays whole).
+    ``submission_dir``: also write test-server files (CIRR, CIRCO) or predictions files (FashionIQ, shapes).
+    Splits without public ground truth (CIRR test1, CIRCO test) give no metrics; write their files instead.
+    """
+    import dataclasses
+
+    from circot.data import load_split
+
+    loaded = load_split(dataset, root, split, **load_options)
+    if limit is not None:
+        if limit <= 0:
+            raise CircotError(f"limit must be positive, got {limit}")
+        loaded = dataclasses.replace(loaded, queries=loaded.queries[:limit])
+    if not any(q.targets for q in loaded.queries) and submission_dir is None:
+        raise CircotError(
+            f"{dataset} {split} has no public ground truth; pass a submission folder to write test-server files"
+        )
+    return evaluate_split(
+        model,
+        loaded,
+        mode=mode,
+        batch_size=batch_size,
+        gallery_batch_size=gallery_batch_size,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        submission_dir=submission_dir,
+        model_ref=model_ref,
+        progress=progress,
+    )
+
+
+__all__ = ["EvaluationReport", "evaluate", "evaluate_split", "write_submission"]

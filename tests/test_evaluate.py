@@ -1,0 +1,115 @@
+"""circot.evaluate and `circot eval` on a tiny generated shapes world with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from circot.errors import CircotError
+from retrieval_fakes import tiny_model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from circot.data.shapes import generate
+
+    return generate(
+        tmp_path_factory.mktemp("shapes") / "w", n_train=0, n_val=8, n_test=0, n_novel=0, image_size=56
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    from circot.data.shapes import corpus
+
+    return tiny_model(corpus=list(corpus()))
+
+
+def test_evaluate_uses_caches_and_matches_direct_scoring(world, model, tmp_path):
+    from circot.data.shapes import load
+    from circot.evaluate import evaluate, evaluate_split
+    from circot.metrics import evaluate as official
+
+    calls = {"gen": 0}
+    original = model.generate_reasoning
+
+    def counting(images, texts, batch_size=16):
+        calls["gen"] += len(images)
+        return original(images, texts, batch_size=batch_size)
+
+    model.generate_reasoning = counting
+    try:
+        first = evaluate(model, "shapes", world, "val", cache_dir=tmp_path, submission_dir=tmp_path / "sub")
+        assert calls["gen"] == 8 and first.cache["cot_generated"] == 8
+        assert first.cache["gallery_encoded"] == first.n_gallery
+        second = evaluate(model, "shapes", world, "val", cache_dir=tmp_path)
+        assert calls["gen"] == 8  # reasoning came from the cache
+        assert second.cache == {
+            "gallery_encoded": 0,
+            "gallery_cached": first.n_gallery,
+            "cot_cached": 8,
+            "cot_generated": 0,
+        }
+        assert second.metrics.metrics == first.metrics.metrics
+    finally:
+        del model.generate_reasoning
+    assert set(first.cot_scores) >= {"caption_f1", "conclusion_exact", "well_formed"}
+    assert {"R@1", "R@10", "mAP@5"} <= set(first.metrics.metrics)
+    preds = json.loads((tmp_path / "sub" / "shapes_val_predictions.json").read_text())
+    assert len(preds) == 8
+
+    # the metrics are the official ones on the model's own similarity matrix
+    split = load(world, "val")
+    report = evaluate_split(model, split, mode="fast", cache_dir=tmp_path, keep_scores=True)
+    gallery = model.encode_images([str(split.gallery.paths[i]) for i in split.gallery.ids])
+    queries = model.encode_queries(
+        [str(split.image_path(q.reference)) for q in split.queries],
+        [q.text for q in split.queries],
+        mode="fast",
+    )
+    np.testing.assert_allclose(report.scores, queries @ gallery.T, atol=1e-5)
+    assert report.metrics.metrics == official(split, queries @ gallery.T).metrics
+    assert report.cot_scores is None
+
+
+def test_eval_cli(cli, world, tmp_path, model):
+    model_dir = tmp_path / "m"
+    model.save_pretrained(model_dir)
+    code, out, err = cli(
+        "eval",
+        "--dataset",
+        "shapes",
+        "--root",
+        world,
+        "--split",
+        "val",
+        "--model",
+        model_dir,
+        "--mode",
+        "full",
+        "--json",
+        tmp_path / "r.json",
+        "--cache",
+        tmp_path / "c",
+        "--limit",
+        "4",
+    )
+    assert code == 0, err
+    assert "R@1" in out and "caption_f1" in out and "conventions" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_queries"] == 4 and set(report["cots"]) and report["mode"] == "full"
+    code, _, err = cli(
+        "eval", "--dataset", "shapes", "--root", world, "--split", "nope", "--model", model_dir
+    )
+    assert code != 0 and "unknown split" in err
+    code, _, err = cli("eval", "--dataset", "shapes", "--root", tmp_path / "missing", "--split", "val")
+    assert code != 0 and "does not exist" in err
+
+
+def test_evaluate_rejects_bad_mode(world, model, tmp_path):
+    from circot.evaluate import evaluate
+
+    with pytest.raises(CircotError, match="mode"):
+        evaluate(model, "shapes", world, "val", mode="slow", cache_dir=tmp_path)
