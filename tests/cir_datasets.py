@@ -31,12 +31,18 @@ def fiq_ids(cat: str, split: str, n: int) -> list[str]:
     return [f"B{cat[:2].upper()}{split[:2].upper()}{i:05d}" for i in range(n)]
 
 
-def build_fashioniq(root: Path, n_gallery: int = 8, n_queries: int = 3, png: tuple[str, ...] = ()) -> Path:
+def build_fashioniq(
+    root: Path,
+    n_gallery: int = 8,
+    n_queries: int = 3,
+    png: tuple[str, ...] = (),
+    splits: tuple[str, ...] = ("train", "val", "test"),
+) -> Path:
     """captions/cap.<cat>.<split>.json, image_splits/split.<cat>.<split>.json, images/<ASIN>.jpg (.png for
     categories in ``png``). shirt val and toptee val share one image, as in the real data."""
     seed = 0
     for cat in FIQ_CATEGORIES:
-        for split in ("train", "val", "test"):
+        for split in splits:
             ids = fiq_ids(cat, split, n_gallery)
             if split == "val" and cat == "toptee":
                 ids[-1] = fiq_ids("shirt", "val", n_gallery)[-1]

@@ -146,7 +146,7 @@ def test_circo_test_submission(circo_root, tmp_path):
 
 
 def test_fashioniq_predictions_round_trip(tmp_path):
-    root = build_fashioniq(tmp_path / "fiq", n_gallery=60, n_queries=4)
+    root = build_fashioniq(tmp_path / "fiq", n_gallery=55, n_queries=4, splits=("val",))
     split = load_split("fashioniq", root, "val")
     rng = np.random.default_rng(3)
     scores = rng.random((len(split.queries), len(split.gallery.ids)), dtype=np.float32)
