@@ -176,7 +176,7 @@ def test_torn_last_line_is_repaired(tiny_split, tmp_path):
             fh.write(
                 json.dumps({"query_id": torn_id, "dataset": "cirr", "split": "val", "caption": "half"})[:40]
             )
-        assert list(read_annotations(out)) == [q.query_id for q in tiny_split.queries[:3]]
+        assert set(read_annotations(out)) == {q.query_id for q in tiny_split.queries[:3]}
         report = annotate_split(tiny_split, _teacher(server), out)
     assert report.repaired_bytes == 40 and report.already_done == 3
     ids = _ids(out)

@@ -85,11 +85,11 @@ class AnnotationReport:
         return "\n".join(lines)
 
 
-def _reason_kinds(reason: str) -> list[str]:
-    """Short categories of a reject reason, for the summary (details in parentheses dropped)."""
-    if reason.startswith("request failed: "):
-        return [":".join(reason.split(":")[:2])]
-    return [part.split(" (")[0] for part in reason.split("; ")]
+def _kind(problem: str) -> str:
+    """A short category of one problem, for the summary (details in parentheses dropped)."""
+    if problem.startswith("request failed: "):
+        return ":".join(problem.split(":")[:2])
+    return problem.split(" (")[0]
 
 
 class _OutputLock:
@@ -235,14 +235,15 @@ async def annotate_split_async(
 
         base = {"dataset": split.dataset, "split": split.split, "teacher": teacher.name}
 
-        def reject(query: CIRQuery, reason: str, retryable: bool, cot: CoT | None = None) -> None:
+        def reject(query: CIRQuery, problems: list[str], retryable: bool, cot: CoT | None = None) -> None:
+            reason = "; ".join(problems)
             record = {"query_id": query.query_id, **base, "prompt_version": teacher.prompt_version}
             if cot is not None:
                 record.update(caption=cot.caption, reasoning=cot.reasoning, conclusion=cot.conclusion)
             record.update(reason=reason, retryable=retryable)
             rejects.write(record)
             report.rejected += 1
-            reasons.update(_reason_kinds(reason))
+            reasons.update(_kind(p) for p in problems)
 
         async def one(query: CIRQuery) -> None:
             try:
@@ -250,7 +251,7 @@ async def annotate_split_async(
             except TeacherRequestError as exc:
                 report.failed += 1
                 state["consecutive_failures"] += 1
-                reject(query, f"request failed: {exc}", exc.retryable)
+                reject(query, [f"request failed: {exc}"], exc.retryable)
                 if state["consecutive_failures"] >= max_consecutive_failures:
                     raise CircotError(
                         f"{max_consecutive_failures} triplets in a row failed; last: {exc}. Stopping"
@@ -260,7 +261,7 @@ async def annotate_split_async(
             cot = CoT(caption=answer.caption, reasoning=answer.reasoning, conclusion=answer.conclusion)
             problems = check_cot(cot, query.text, quality) + answer.problems
             if problems:
-                reject(query, "; ".join(problems), False, cot)
+                reject(query, problems, False, cot)
                 return
             records.write(
                 {

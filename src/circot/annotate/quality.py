@@ -6,6 +6,7 @@ The optional teacher verification (``--verify``) is run by the pipeline, not her
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -23,12 +24,11 @@ STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
 
 @dataclass
 class QualityConfig:
-    """Limits of the checks (words per field; ``max_overlap``: conclusion/caption similarity (:func:`similarity`) above
-    which the conclusion is taken to repeat the caption)."""
+    """Limits of the checks: words per field; whether the reasoning or conclusion must share a content word
+    with the modification text."""
 
     min_words: int = 3
     max_words: dict[str, int] | None = None
-    max_overlap: float = 0.95
     require_text_overlap: bool = True
 
     def limit(self, name: str) -> int:
@@ -59,17 +59,18 @@ def edit_overlap(text: str, cot: CoT) -> float:
     return len(wanted & said) / len(wanted)
 
 
-def _grams(text: str) -> set[tuple[str, ...]]:
-    w = words(text)
-    return {(x,) for x in w} | set(zip(w, w[1:], strict=False))
+def changed_words(before: str, after: str) -> set[str]:
+    """Content words in the parts where ``after`` differs from ``before`` (word-sequence diff).
 
-
-def similarity(a: str, b: str) -> float:
-    """Jaccard similarity of the word and word-pair sets of two texts (word order matters through the pairs)."""
-    sa, sb = _grams(a), _grams(b)
-    if not sa and not sb:
-        return 1.0
-    return len(sa & sb) / len(sa | sb)
+    Empty when the two texts say the same thing up to stop words and punctuation; a swap of two objects
+    (same words, new order) still counts as a change.
+    """
+    a, b = words(before), words(after)
+    changed: set[str] = set()
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            changed |= {w for w in a[i1:i2] + b[j1:j2] if w not in STOPWORDS}
+    return changed
 
 
 def structure_problems(name: str, value: str, config: QualityConfig | None = None) -> list[str]:
@@ -100,7 +101,7 @@ def check_cot(cot: CoT, text: str, config: QualityConfig | None = None) -> list[
 
     Checks: each field's structure and length; the CoT survives the model's template round trip
     (:func:`circot.prompts.format_cot` then :func:`~circot.prompts.parse_cot`); the conclusion does not betray
-    the target image; the conclusion differs from the caption; and the reasoning or conclusion mention at
+    the target image; the conclusion differs from the caption in at least one content word (an edit was made); and the reasoning or conclusion mention at
     least one content word of the modification text (when it has any).
     """
     config = config or QualityConfig()
@@ -113,7 +114,7 @@ def check_cot(cot: CoT, text: str, config: QualityConfig | None = None) -> list[
     if not parsed.well_formed or any(getattr(parsed, n) != getattr(cot, n).strip() for n in COT_FIELDS):
         problems.append("template round trip changed the CoT")
     problems += leak_problems(cot.conclusion)
-    if similarity(cot.caption, cot.conclusion) > config.max_overlap:
+    if not changed_words(cot.caption, cot.conclusion):
         problems.append("conclusion repeats the caption (the edit is not reflected)")
     if config.require_text_overlap and edit_overlap(text, cot) == 0.0:
         problems.append("reasoning and conclusion share no content word with the modification text")

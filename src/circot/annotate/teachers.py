@@ -18,6 +18,7 @@ from circot.annotate import prompts as P
 from circot.annotate.client import ChatResult, TeacherRequestError
 from circot.annotate.quality import leak_problems, structure_problems
 from circot.data.records import CIRQuery, CIRSplit
+from circot.errors import CircotError
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class ShapesTeacher:
         start = time.perf_counter()
         try:
             cot = self._gold_cot(query)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, CircotError) as exc:
             raise TeacherRequestError(f"no gold CoT for this query ({exc})", retryable=False) from None
         return Annotation(
             cot.caption, cot.reasoning, cot.conclusion, {"total_s": round(time.perf_counter() - start, 6)}
@@ -183,8 +184,6 @@ def build_teacher(
     ``shapes``: the shapes world's gold CoT.
     """
     import os
-
-    from circot.errors import CircotError
 
     if kind == "openai":
         if not base_url:
