@@ -304,3 +304,17 @@ def test_config_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match="bad.json"):
         CIRCoTConfig.load(tmp_path / "bad.json")
+
+
+def test_lean_decoding_matches_transformers_steps(model, images):
+    """The lean one-token steps give the same tokens as transformers' own forward with its KV cache."""
+    model.config.max_cot_tokens = 20
+    try:
+        lean = model.generate_reasoning(images, TEXTS, batch_size=4)
+        model.lean_decoding = False
+        stock = model.generate_reasoning(images, TEXTS, batch_size=4)
+    finally:
+        model.lean_decoding = True
+        model.config.max_cot_tokens = 12
+    assert [c.raw for c in lean] == [c.raw for c in stock]
+    assert len(set(c.raw for c in lean)) > 1

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "shapes-tiny"
 IGNORE_INDEX = -100
 MODES = ("gallery", "fast", "full")
+# the lean decoder keeps concatenated copies of the projection weights only for models this small
+FUSE_MAX_PARAMETERS = 200_000_000
 
 # transformers class per model_type. Qwen3-VL feeds deep-stack visual features inside its own forward, which
 # circot's generation loop does not replicate, so it is not supported yet.
@@ -198,6 +200,9 @@ class CIRCoT(nn.Module):
         )
         self._banned_ids = torch.tensor([token_id(tokenizer, t) for t in vision], dtype=torch.long)
         self._fingerprint: tuple[int, str] | None = None
+        # one-token decoding steps through _LeanDecoder (same results, a fraction of the per-token overhead)
+        self.lean_decoding = True
+        self._fused: tuple[int, list] | None = None
         changed = config.check_prompts()
         if changed:
             logger.warning("this model was saved with different prompt strings (%s)", ", ".join(changed))
@@ -577,7 +582,12 @@ class CIRCoT(nn.Module):
         return torch.multinomial(probs, 1).squeeze(-1)
 
     def _decode_steps(self, seq: _Seqs, image_out: Any, max_new: int) -> Iterator[torch.Tensor]:
-        """Greedy (or sampled) decoding with the KV cache; yields the (b,) next tokens until all rows stop."""
+        """Greedy (or sampled) decoding with the KV cache; yields the (b,) next tokens until all rows stop.
+
+        The prompt is prefilled by the transformers model; the one-token steps run through
+        :class:`_LeanDecoder` (same modules and weights, without transformers' per-call machinery) when the
+        text decoder allows it, else through the transformers forward.
+        """
         dev = self.device
         ids, mask, pos = seq.input_ids.to(dev), seq.attention_mask.to(dev), seq.position_ids.to(dev)
         out = self._lm(ids, mask, pos, image_out, use_cache=True)
@@ -586,6 +596,11 @@ class CIRCoT(nn.Module):
         stops = torch.tensor((self.emb_token_id, *self.stop_token_ids), device=dev)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
         ones = torch.ones((ids.shape[0], 1), dtype=mask.dtype, device=dev)
+        lean = (
+            _LeanDecoder(self.hf, cache, mask, max_new, self._fused_weights())
+            if self.lean_decoding and _LeanDecoder.supports(self.hf)
+            else None
+        )
         for step in range(max_new):
             token = self._next_token(self.hf.lm_head(hidden))
             token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
@@ -593,11 +608,24 @@ class CIRCoT(nn.Module):
             done = done | torch.isin(token, stops)
             if bool(done.all()) or step == max_new - 1:
                 return
-            mask = torch.cat([mask, ones], dim=1)
-            step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
-            out = self._lm(token[:, None], mask, step_pos, cache=cache, use_cache=True)
-            cache, hidden = out.cache, out.last_hidden_state[:, -1]
+            if lean is not None:
+                hidden = lean.step(token, next_pos)
+            else:
+                mask = torch.cat([mask, ones], dim=1)
+                step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
+                out = self._lm(token[:, None], mask, step_pos, cache=cache, use_cache=True)
+                cache, hidden = out.cache, out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
+
+    def _fused_weights(self) -> list | None:
+        """Concatenated q|k|v and gate|up weights for the lean decoder (small models only; cached until the
+        weights change)."""
+        if self.num_parameters() > FUSE_MAX_PARAMETERS:
+            return None
+        version = sum(p._version for p in self.model.parameters())
+        if self._fused is None or self._fused[0] != version:
+            self._fused = (version, fused_decoder_weights(self.hf.model.language_model))
+        return self._fused[1]
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
@@ -812,6 +840,136 @@ class CIRCoT(nn.Module):
             lines.append("")
         lines += ["## Versions", ""] + [f"- {k}: {v}" for k, v in _versions().items()] + [""]
         return "\n".join(lines)
+
+
+class _LeanDecoder:
+    """One-token decoding steps of a Qwen2-VL / Qwen2.5-VL text decoder over a preallocated KV cache.
+
+    Calls the model's own modules (norms, projections, MLPs — LoRA-wrapped or not) and does the attention
+    with one ``scaled_dot_product_attention``; it skips transformers' mask building, output capturing and cache
+    bookkeeping, which dominate the cost of a step for small models. For text tokens the three multimodal
+    rotary sections share one position, so the rotary embedding is the ordinary one at that position.
+    """
+
+    _CLASSES = ("Qwen2VLTextModel", "Qwen2_5_VLTextModel")
+
+    @classmethod
+    def supports(cls, hf: nn.Module) -> bool:
+        lm = getattr(getattr(hf, "model", None), "language_model", None)
+        if lm is None or type(lm).__name__ not in cls._CLASSES or lm.training:
+            return False
+        cfg = lm.config
+        return all(t == "full_attention" for t in cfg.layer_types) and cfg._attn_implementation in (
+            "sdpa",
+            "eager",
+        )
+
+    def __init__(
+        self, hf: nn.Module, cache: Any, mask: torch.Tensor, max_new: int, fused: list | None = None
+    ) -> None:
+        lm = hf.model.language_model
+        self.lm = lm
+        self.fused = fused if fused is not None else [None] * len(lm.layers)
+        cfg = lm.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.inv_freq = lm.rotary_emb.inv_freq
+        self.rope_scale = lm.rotary_emb.attention_scaling
+        b, length = mask.shape
+        total = length + max_new
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in cache.layers:
+            k, v = layer.keys, layer.values  # (b, kv heads, length, head_dim)
+            kb = k.new_zeros(b, k.shape[1], total, k.shape[3])
+            vb = v.new_zeros(b, v.shape[1], total, v.shape[3])
+            kb[:, :, :length] = k
+            vb[:, :, :length] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+        self.mask = torch.zeros(b, 1, 1, total, dtype=torch.bool, device=mask.device)
+        self.mask[:, 0, 0, :length] = mask.bool()
+        self.length = length
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Feed ``token`` (b,) at rotary ``position`` (b,); returns the final-norm hidden state (b, hidden)."""
+        lm, b, hd, nh, nkv = self.lm, token.shape[0], self.head_dim, self.n_heads, self.n_kv
+        x = lm.embed_tokens(token[:, None])
+        freqs = position[:, None].float() * self.inv_freq.to(x.device)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # (b, 1, 1, hd)
+        cos = (angles.cos() * self.rope_scale).to(x.dtype)
+        sin = (angles.sin() * self.rope_scale).to(x.dtype)
+        t = self.length
+        self.mask[:, :, :, t] = True
+        mask = self.mask[:, :, :, : t + 1]
+        for i, layer in enumerate(lm.layers):
+            attn, fused = layer.self_attn, self.fused[i]
+            h = self._norm(layer.input_layernorm, x)
+            if fused is not None:
+                qkv = F.linear(h, fused[0], fused[1]).view(b, 1, nh + 2 * nkv, hd)
+            else:
+                qkv = torch.cat((attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)), dim=-1).view(
+                    b, 1, nh + 2 * nkv, hd
+                )
+            qk = qkv[:, :, : nh + nkv]
+            qk = qk * cos + _rotate_half(qk) * sin  # (b, 1, heads, hd): rotary on queries and keys at once
+            q = qk[:, :, :nh].transpose(1, 2)
+            self.keys[i][:, :, t] = qk[:, 0, nh:]
+            self.values[i][:, :, t] = qkv[:, 0, nh + nkv :]
+            o = F.scaled_dot_product_attention(
+                q,
+                self.keys[i][:, :, : t + 1],
+                self.values[i][:, :, : t + 1],
+                attn_mask=mask,
+                scale=attn.scaling,
+                enable_gqa=nh != nkv,
+            )
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, nh * hd))
+            h = self._norm(layer.post_attention_layernorm, x)
+            mlp = layer.mlp
+            if fused is not None:
+                gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
+                x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+            else:
+                x = x + mlp(h)
+        self.length = t + 1
+        return self._norm(lm.norm, x)[:, 0]
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; transformers' RMSNorm computes the same in float32
+            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+        return norm(x)
+
+
+def fused_decoder_weights(
+    lm: nn.Module,
+) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None]:
+    """Per layer (q|k|v weight, q|k|v bias, gate|up weight) concatenated, or None where a projection is not a
+    plain ``nn.Linear`` (e.g. LoRA-wrapped)."""
+    out: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None] = []
+    for layer in lm.layers:
+        a, m = layer.self_attn, layer.mlp
+        projs = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
+        if any(type(p) is not nn.Linear for p in projs) or m.gate_proj.bias is not None:
+            out.append(None)
+            continue
+        with torch.no_grad():
+            w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+            bias = torch.cat(biases) if all(x is not None for x in biases) else None
+            if bias is None and any(x is not None for x in biases):
+                out.append(None)
+                continue
+            gu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        out.append((w, bias, gu))
+    return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
