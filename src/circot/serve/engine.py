@@ -171,9 +171,11 @@ class SearchEngine:
         with self._index_lock:
             scores, ids = self.index.search(query, k)
         hits: list[Hit] = []
-        for score, image_id in zip(np.asarray(scores)[0].tolist(), np.asarray(ids, dtype=object)[0].tolist()):
+        row_scores = np.asarray(scores)[0].tolist()
+        row_ids = np.asarray(ids, dtype=object)[0].tolist()
+        for score, image_id in zip(row_scores, row_ids, strict=True):
             key = str(image_id)
-            if key not in self._by_str:  # faiss pads missing results with -1
+            if key not in self._by_str or not np.isfinite(score):  # empty slots: "" / -1 and -inf
                 continue
             hits.append(Hit(rank=len(hits) + 1, id=key, score=float(score)))
         return hits

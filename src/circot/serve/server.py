@@ -40,18 +40,19 @@ def serve(
     Raises:
         CircotError: the index or the model cannot be loaded, or they do not belong together.
     """
-    import uvicorn
-
-    from circot.index import GalleryIndex
-    from circot.model import CIRCoT
-    from circot.serve.app import create_app
-
     limits = limits or ServeLimits()
     if not 0 < port < 65536:
         raise CircotError(f"--port must be between 1 and 65535, not {port}")
     index_path = Path(index_path)
     if not index_path.exists():
         raise CircotError(f"index not found: {index_path}")
+
+    import uvicorn
+
+    from circot.index import GalleryIndex
+    from circot.model import CIRCoT
+    from circot.serve.app import create_app
+
     # This process only serves: PIL's own guard now refuses anything over our pixel limit too.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     index = GalleryIndex.load(index_path)

@@ -38,6 +38,7 @@ function setBusy(busy) {
 function setStatus(text, kind) {
   const badge = $("cot-status");
   badge.textContent = text;
+  badge.title = text;
   badge.className = `badge ${kind}`;
 }
 
@@ -180,6 +181,13 @@ function renderCoT(parts, editable) {
   updateSteerButton();
 }
 
+function showRaw(raw, open) {
+  const box = $("raw-box");
+  box.hidden = raw === null;
+  $("cot-raw").textContent = raw || "";
+  if (open !== undefined) box.open = open;
+}
+
 function editedCoT() {
   const cot = {};
   for (const part of PARTS) cot[part] = $(`edit-${part}`).value.trim();
@@ -201,8 +209,9 @@ function renderResults(data) {
     p.textContent = "No results.";
     grid.append(p);
   }
-  const top = Math.max(...data.results.map((r) => r.score), 1e-6);
-  const bottom = Math.min(...data.results.map((r) => r.score), 0);
+  // bars show where each score lies between the worst and the best shown result
+  const top = Math.max(...data.results.map((r) => r.score));
+  const bottom = Math.min(...data.results.map((r) => r.score));
   for (const result of data.results) {
     const card = document.createElement("figure");
     card.className = "result use";
@@ -227,8 +236,8 @@ function renderResults(data) {
     const bar = document.createElement("span");
     bar.className = "bar";
     const fill = document.createElement("i");
-    const share = (result.score - bottom) / Math.max(top - bottom, 1e-6);
-    fill.style.width = `${Math.round(8 + 92 * share)}%`;
+    const share = top - bottom > 1e-6 ? (result.score - bottom) / (top - bottom) : 1;
+    fill.style.width = `${Math.round(12 + 88 * share)}%`;
     bar.append(fill);
     const value = document.createElement("span");
     value.className = "score-value";
@@ -294,6 +303,7 @@ async function search(event) {
   $("results").classList.add("busy");
   let raw = "";
   renderCoT({ caption: "", reasoning: "", conclusion: "", active: mode === "full" ? "caption" : null }, false);
+  showRaw(mode === "full" ? "" : null, false);
   setStatus(mode === "full" ? "reasoning…" : "embedding…", "live");
   try {
     const response = await fetch("/api/search/stream", { method: "POST", body: form });
@@ -303,10 +313,12 @@ async function search(event) {
       if (name === "token") {
         raw += data.text;
         renderCoT(splitLive(raw), false);
+        showRaw(raw);
       } else if (name === "cot") {
         state.generated = data;
         setStatus(data.well_formed ? "well-formed" : `malformed: ${data.problems.join(", ")}`, data.well_formed ? "good" : "warn");
         renderCoT(data, true);
+        showRaw(data.raw, !data.well_formed);
       } else if (name === "results") {
         state.lastQuery = { text, k };
         if (!data.cot) {
