@@ -217,20 +217,23 @@ class CIRCoT(nn.Module):
         image_size: int = 112,
         seed: int = 0,
         vocab_size: int | None = None,
+        tokenizer: Any = None,
         **overrides: Any,
     ) -> CIRCoT:
         """A random tiny Qwen2-VL (or ``model_type="qwen2_5_vl"``) with a BPE tokenizer trained on a corpus.
 
         ``tokenizer_corpus`` defaults to the shapes world's :func:`circot.data.shapes.corpus`. ``overrides``: keys
         of :data:`TINY_DEFAULTS` (architecture) or fields of :class:`CIRCoTConfig`. Images are resized to a fixed
-        ``image_size``² pixels (16 image tokens at 112 px with patch 14, merge 2).
+        ``image_size``² pixels (16 image tokens at 112 px with patch 14, merge 2). ``tokenizer``: use this
+        tokenizer (e.g. the real Qwen BPE, :func:`circot.tokenizer.qwen_tokenizer_from_tiktoken`) instead of
+        training one.
         """
         from dataclasses import fields
 
         cfg_names = {f.name for f in fields(CIRCoTConfig)}
         cfg_over = {k: v for k, v in overrides.items() if k in cfg_names and k != "model_type"}
         arch_over = {k: v for k, v in overrides.items() if k not in cfg_over}
-        if tokenizer_corpus is None:
+        if tokenizer is None and tokenizer_corpus is None:
             try:
                 from circot.data.shapes import corpus as shapes_corpus
             except ImportError:
@@ -239,7 +242,10 @@ class CIRCoT(nn.Module):
                 ) from None
             tokenizer_corpus = shapes_corpus()
         arch = {**TINY_DEFAULTS, **arch_over}
-        tokenizer = train_bpe_tokenizer(tokenizer_corpus, vocab_size=vocab_size or arch["vocab_size"])
+        if tokenizer is None:
+            tokenizer = train_bpe_tokenizer(tokenizer_corpus, vocab_size=vocab_size or arch["vocab_size"])
+        else:
+            add_circot_tokens(tokenizer)
         ids = tokenizer.get_vocab()
         hf_config = tiny_hf_config(len(tokenizer), ids, **arch_over)
         torch.manual_seed(seed)

@@ -3,11 +3,16 @@ with real Qwen-VL tokenizers."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken
+
 from circot import prompts
+from circot.errors import CircotError
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +84,6 @@ def add_circot_tokens(tokenizer: Any) -> int:
 
     Also sets left padding (generation) and the Qwen chat template when the tokenizer has none.
     """
-    from tokenizers import AddedToken
-
     vocab = tokenizer.get_vocab()
     missing = [t for t in prompts.QWEN_SPECIAL_TOKENS + prompts.SPECIAL_TOKENS if t not in vocab]
     # tokens already in the vocabulary must still be registered as special (never split, kept whole)
@@ -106,3 +109,49 @@ def token_id(tokenizer: Any, token: str) -> int:
     if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no token {token!r}")
     return int(ids[0])
+
+
+# The pre-tokenizer split of Qwen2 / Qwen2-VL (single digits, unlike GPT-4's groups of three).
+QWEN_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """Read a ``.tiktoken`` file (one ``base64-token rank`` per line) without the tiktoken package."""
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:
+                raise CircotError(f"{path}:{lineno}: not a 'base64-token rank' line") from None
+    return ranks
+
+
+def qwen_tokenizer_from_tiktoken(path: str | Path) -> Any:
+    """The real Qwen BPE (e.g. ``dashscope/resources/qwen.tiktoken``) as a Qwen-style fast tokenizer.
+
+    The 151,643 ranks keep their ids; the Qwen special tokens follow at their usual ids (``<|endoftext|>`` =
+    151643 … ``<|video_pad|>`` = 151656), then circot's tags. Conversion takes a few seconds.
+    """
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    path = Path(path)
+    if not path.is_file():
+        raise CircotError(f"{path}: tiktoken file not found")
+
+    class _Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            return read_tiktoken_ranks(tiktoken_url)
+
+    tok = _Converter(vocab_file=str(path), pattern=QWEN_PATTERN).converted()
+    n = tok.get_vocab_size()
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in prompts.QWEN_SPECIAL_TOKENS]
+    )
+    if tok.token_to_id(prompts.PAD_TOKEN) != n:
+        raise CircotError(f"{path}: unexpected vocabulary layout ({n} ranks)")
+    return wrap_tokenizer(tok)
