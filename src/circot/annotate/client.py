@@ -13,9 +13,10 @@ import base64
 import email.utils
 import io
 import logging
+import os
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,7 @@ class OpenAIChatClient:
         self.stats = ClientStats()
         self._rng = random.Random(seed)
         self._paused_until = 0.0
+        self._urls: OrderedDict[tuple[str, int, int], str] = OrderedDict()  # recent images' data URLs
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -191,12 +193,31 @@ class OpenAIChatClient:
             content = []
             for part in message.parts:
                 if isinstance(part, ImagePart):
-                    url = image_data_url(part.path, self.max_image_side)
+                    url = self._data_url(part.path)
                     content.append({"type": "image_url", "image_url": {"url": url}})
                 else:
                     content.append({"type": "text", "text": part})
             out.append({"role": message.role, "content": content})
         return out
+
+    def _data_url(self, path: Path) -> str:
+        """The image's data URL, cached for the few most recent images (a reference is sent 2-3 times)."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise TeacherRequestError(
+                f"cannot read image {str(path)!r}: {exc.strerror}", retryable=False
+            ) from None
+        key = (str(path), st.st_mtime_ns, st.st_size)
+        url = self._urls.get(key)
+        if url is None:
+            url = image_data_url(path, self.max_image_side)
+            self._urls[key] = url
+            while len(self._urls) > 128:
+                self._urls.popitem(last=False)
+        else:
+            self._urls.move_to_end(key)
+        return url
 
     def _backoff(self, attempt: int) -> float:
         return self._rng.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))

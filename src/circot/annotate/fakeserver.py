@@ -89,6 +89,17 @@ def default_answer(body: dict[str, Any]) -> str:
     return "I do not know this prompt."
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that went away (a timeout, a killed annotator) is normal here
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeChatServer:
     """A threaded HTTP server speaking the chat-completions protocol on loopback.
 
@@ -135,6 +146,17 @@ class FakeChatServer:
 
             def log_message(self, format: str, *args: Any) -> None:  # silence the default stderr log
                 return
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                if self.path.rstrip("/") != "/stats":
+                    self.send_error(404)
+                    return
+                data = json.dumps(server.stats()).encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 length = int(self.headers.get("Content-Length") or 0)
@@ -200,13 +222,18 @@ class FakeChatServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                     self.close_connection = True
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._thread.start()
         return self
+
+    def stats(self) -> dict[str, Any]:
+        """Counters so far: calls, HTTP statuses and annotation stages (also served at ``GET /stats``)."""
+        with self._lock:
+            return {"calls": self.calls, "statuses": dict(self.statuses), "stages": dict(self.stages)}
 
     def stop(self) -> None:
         if self._httpd is not None:
@@ -222,3 +249,26 @@ class FakeChatServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve on loopback until stdin closes: ``python -m circot.annotate.fakeserver --latency 0.05``.
+
+    Prints the base URL on the first line of stdout; ``GET /stats`` answers the counters.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="A scripted OpenAI-compatible chat server on loopback.")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
+    parser.add_argument("--api-key", default=None, help="require this bearer key")
+    args = parser.parse_args(argv)
+    with FakeChatServer(latency=args.latency, api_key=args.api_key) as server:
+        server.keep_bodies = False
+        sys.stdout.write(server.url + "\n")
+        sys.stdout.flush()
+        sys.stdin.read()  # until the parent closes our stdin (or dies)
+
+
+if __name__ == "__main__":
+    main()
