@@ -90,7 +90,9 @@ def throughput(work: Path, concurrency: int, n: int, latency: float) -> dict:
     out = work / f"c{concurrency}.jsonl"
     with ServerProcess(latency) as server:
         teacher = ChatTeacher(OpenAIChatClient(server.url, "fake", backoff_base=0.05), "openai:fake")
+        cpu = time.process_time()
         report = annotate_split(split, teacher, out, concurrency=concurrency)
+        cpu = time.process_time() - cpu
         calls = server.stats()["calls"]
     assert report.written == n, report.format()
     return {
@@ -100,6 +102,7 @@ def throughput(work: Path, concurrency: int, n: int, latency: float) -> dict:
         "seconds": report.seconds,
         "records_per_s": report.records_per_s,
         "ceiling_records_per_s": round(concurrency / (3 * latency), 1),
+        "annotator_cpu_ms_per_record": round(1000 * cpu / n, 1),
     }
 
 
@@ -204,7 +207,8 @@ def main() -> None:
             results["throughput"].append(row)
             print(
                 f"concurrency {concurrency:>2}: {row['records']} records in {row['seconds']:.2f} s = "
-                f"{row['records_per_s']:.2f} records/s (ceiling {row['ceiling_records_per_s']})"
+                f"{row['records_per_s']:.2f} records/s (ceiling {row['ceiling_records_per_s']}), annotator CPU "
+                f"{row['annotator_cpu_ms_per_record']} ms/record"
             )
         kr = kill_and_resume(work / "kill", args.kill_triplets, args.kill_after, 4, args.latency)
         results["kill_and_resume"] = kr

@@ -50,8 +50,22 @@ def load_processor(path: str | Path) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     return _image_only_processor_class()(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(path, tokenizer)
     )
+
+
+def _chat_template(path: str | Path, tokenizer: Any) -> str | None:
+    """The chat template: the tokenizer's, else the processor's file in a local checkpoint folder."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        import json
+
+        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    return None
 
 
 class HFChatBackend:
