@@ -238,3 +238,27 @@ def test_default_answers_pass_quality_control():
         ]
     }
     assert "is red" in default_answer(body)
+
+
+def test_a_flaky_endpoint_still_gives_every_triplet_once(tiny_split, tmp_path):
+    def chaos(body, index):
+        if index % 7 == 1:
+            return Reply(status=429, body={"error": {"message": "rate"}}, headers={"Retry-After": "0.05"})
+        if index % 11 == 2:
+            return Reply(status=500, body="oops")
+        if index % 13 == 3:
+            return Reply(text="late", delay=1.0)  # beyond the client timeout
+        if index % 17 == 4:
+            return Reply(body="{not json")
+        return None
+
+    out = tmp_path / "cot.jsonl"
+    with FakeChatServer(chaos) as server:
+        client = OpenAIChatClient(
+            server.url, "fake", timeout=0.3, backoff_base=0.01, backoff_max=0.05, seed=1
+        )
+        report = annotate_split(tiny_split, ChatTeacher(client, "openai:fake"), out, concurrency=4)
+    assert report.written == len(tiny_split.queries) and report.rejected == 0
+    assert set(report.teacher_stats["retries"]) == {"429", "500", "timeout", "malformed"}
+    ids = _ids(out)
+    assert sorted(ids) == sorted(q.query_id for q in tiny_split.queries) and len(ids) == len(set(ids))
