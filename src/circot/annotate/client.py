@@ -20,6 +20,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from circot.annotate.prompts import ImagePart, Message
 from circot.errors import CircotError
@@ -176,7 +177,8 @@ class OpenAIChatClient:
             headers=headers,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            trust_env=False,
+            # proxies from the environment apply to remote endpoints, never to a server on this machine
+            trust_env=urlsplit(base_url).hostname not in ("127.0.0.1", "localhost", "::1"),
         )
         self._httpx = httpx
 
