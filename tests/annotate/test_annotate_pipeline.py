@@ -150,8 +150,10 @@ def test_quality_rejects_stay_rejected_unless_retried(tiny_split, tmp_path):
     with FakeChatServer() as server:
         report = annotate_split(tiny_split, _teacher(server), out, limit=4)
         assert report.todo == 0 and server.calls == 0
+        report = annotate_split(tiny_split, _teacher(server), out, limit=2, retry_rejects=True)
+        assert report.written == 2 and len(_lines(rejects_path(out))) == 2  # rejects out of scope are kept
         report = annotate_split(tiny_split, _teacher(server), out, limit=4, retry_rejects=True)
-    assert report.written == 4 and len(_ids(out)) == 4 and _lines(rejects_path(out)) == []
+    assert report.written == 2 and len(_ids(out)) == 4 and _lines(rejects_path(out)) == []
 
 
 def test_resume_does_only_missing_triplets(tiny_split, tmp_path):

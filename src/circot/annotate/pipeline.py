@@ -124,10 +124,10 @@ def _existing(out: Path, dataset: str, split: str) -> set[str]:
     return done
 
 
-def _compact_rejects(path: Path, done: set[str], retry_rejects: bool) -> set[str]:
+def _compact_rejects(path: Path, done: set[str], retry: set[str]) -> set[str]:
     """Rewrite the rejects file (atomically) keeping one final reject per query; return the ids kept.
 
-    Dropped: ids annotated since, request failures (retried now), and with ``retry_rejects`` every reject.
+    Dropped: ids annotated since, request failures (retried now), and the ids in ``retry``.
     """
     if not path.exists():
         return set()
@@ -142,7 +142,7 @@ def _compact_rejects(path: Path, done: set[str], retry_rejects: bool) -> set[str
     keep = {
         qid: rec
         for qid, rec in last.items()
-        if qid not in done and not rec.get("retryable", False) and not retry_rejects
+        if qid not in done and not rec.get("retryable", False) and qid not in retry
     }
     if len(keep) != n_lines:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -211,7 +211,7 @@ async def annotate_split_async(
         records = JsonlAppender(out, fsync=fsync)
         report.repaired_bytes = records.repaired_bytes
         done = _existing(out, split.dataset, split.split)
-        kept_rejects = _compact_rejects(rej_path, done, retry_rejects)
+        kept_rejects = _compact_rejects(rej_path, done, seen if retry_rejects else set())
         rejects = JsonlAppender(rej_path, fsync=fsync)
         todo = [q for q in unique if q.query_id not in done and q.query_id not in kept_rejects]
         report.already_done = len(unique) - len(todo)
