@@ -318,3 +318,14 @@ def test_lean_decoding_matches_transformers_steps(model, images):
         model.config.max_cot_tokens = 12
     assert [c.raw for c in lean] == [c.raw for c in stock]
     assert len(set(c.raw for c in lean)) > 1
+
+
+def test_encoding_in_train_mode_is_deterministic_and_keeps_the_mode(qwen2, images):
+    want = qwen2.encode_queries(images[:2], TEXTS[:2], mode="full")
+    qwen2.train()
+    try:
+        np.testing.assert_allclose(qwen2.encode_queries(images[:2], TEXTS[:2], mode="full"), want, atol=1e-6)
+        assert "".join(qwen2.stream_reasoning(images[0], TEXTS[0])) is not None
+        assert qwen2.training and qwen2.hf.training
+    finally:
+        qwen2.eval()

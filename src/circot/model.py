@@ -634,7 +634,6 @@ class CIRCoT(nn.Module):
         return self._fused[1]
 
     # ------------------------------------------------------------------ inference
-    @torch.inference_mode()
     def _encode_query_batch(
         self,
         images: Sequence[ImageLike],
@@ -688,7 +687,7 @@ class CIRCoT(nn.Module):
     ) -> np.ndarray:
         """Gallery embeddings: float32 ``(n, d)``, L2-normalised (when the config normalises)."""
         out = np.zeros((len(images), self.embedding_dim), dtype=np.float32)
-        with torch.inference_mode():
+        with self._inference():
             for start in _progress(range(0, len(images), batch_size), show_progress_bar, "images"):
                 batch = self.build_batch(images[start : start + batch_size], mode="gallery")
                 emb, _ = self.embed_batch(batch)
@@ -722,9 +721,13 @@ class CIRCoT(nn.Module):
         reasoning: list[CoT | None] = []
         for start in _progress(range(0, len(images), batch_size), show_progress_bar, "queries"):
             stop = start + batch_size
-            emb, parsed = self._encode_query_batch(
-                images[start:stop], texts[start:stop], mode, cots[start:stop] if cots is not None else None
-            )
+            with self._inference():
+                emb, parsed = self._encode_query_batch(
+                    images[start:stop],
+                    texts[start:stop],
+                    mode,
+                    cots[start:stop] if cots is not None else None,
+                )
             out[start : start + len(parsed)] = emb
             reasoning.extend(parsed)
         return (out, reasoning) if return_reasoning else out
@@ -737,36 +740,57 @@ class CIRCoT(nn.Module):
             raise CircotError(f"{len(images)} images but {len(texts)} texts")
         result: list[CoT] = []
         for start in range(0, len(images), batch_size):
-            _, parsed = self._encode_query_batch(
-                images[start : start + batch_size],
-                texts[start : start + batch_size],
-                "full",
-                None,
-                embed=False,
-            )
+            with self._inference():
+                _, parsed = self._encode_query_batch(
+                    images[start : start + batch_size],
+                    texts[start : start + batch_size],
+                    "full",
+                    None,
+                    embed=False,
+                )
             result.extend(parsed)  # type: ignore[arg-type]
         return result
 
     def stream_reasoning(self, image: ImageLike, text: str) -> Iterator[str]:
-        """Yield the CoT text piece by piece as it is generated (ends before ``<emb>``)."""
-        with torch.inference_mode():
+        """Yield the CoT text piece by piece as it is generated (ends before ``<emb>``).
+
+        Each step runs under its own ``inference_mode`` (the generator may be resumed from another thread).
+        """
+        with self._inference():
             pixels, grids = self.images([image])
             image_out = self._image_features(pixels.to(self.device), grids.to(self.device))
             prompt_ids = self._prompt_ids("full", [text], self.images.n_tokens(grids))
-            seq = self._pad(prompt_ids, grids)
-            tokens: list[int] = []
-            sent = ""
-            for token in self._decode_steps(seq, image_out, self.config.max_cot_tokens):
-                t = int(token[0])
-                if t == self.emb_token_id or t in self.stop_token_ids:
-                    break
-                tokens.append(t)
-                text_so_far = self.tokenizer.decode(tokens, skip_special_tokens=False)
-                if text_so_far.endswith("\ufffd"):  # an incomplete multi-byte character
-                    continue
-                if len(text_so_far) > len(sent):
-                    yield text_so_far[len(sent) :]
-                    sent = text_so_far
+            steps = self._decode_steps(self._pad(prompt_ids, grids), image_out, self.config.max_cot_tokens)
+        tokens: list[int] = []
+        sent = ""
+        while True:
+            with self._inference():
+                token = next(steps, None)
+            if token is None:
+                return
+            t = int(token[0])
+            if t == self.emb_token_id or t in self.stop_token_ids:
+                return
+            tokens.append(t)
+            text_so_far = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            if text_so_far.endswith("\ufffd"):  # an incomplete multi-byte character
+                continue
+            if len(text_so_far) > len(sent):
+                yield text_so_far[len(sent) :]
+                sent = text_so_far
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode (no LoRA dropout) and inference_mode for encoding; the previous mode is restored."""
+        was_training = self.training
+        if was_training:
+            self.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if was_training:
+                self.train()
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, results: dict[str, Any] | None = None) -> Path:
