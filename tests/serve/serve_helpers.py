@@ -109,3 +109,33 @@ class GuardedModel:
     def stream_reasoning(self, image, text):
         with self._inside():
             yield from self.inner.stream_reasoning(image, text)
+
+
+class SlowStream:
+    """Wraps a model so that each streamed piece takes ``delay`` seconds; counts the pieces handed out."""
+
+    def __init__(self, inner, delay: float = 0.05) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.pieces = 0
+        self.closed = threading.Event()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.inner.embedding_dim
+
+    def encode_queries(self, *args, **kwargs):
+        return self.inner.encode_queries(*args, **kwargs)
+
+    def stream_reasoning(self, image, text):
+        try:
+            for piece in self.inner.stream_reasoning(image, text):
+                time.sleep(self.delay)
+                self.pieces += 1
+                yield piece
+        finally:
+            self.closed.set()

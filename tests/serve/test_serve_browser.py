@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -34,34 +31,11 @@ def _missing() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def live_server(tiny_model, gallery_index):
-    import uvicorn
-
+def live_server(serve_live, tiny_model, gallery_index):
     from circot.serve import create_app
 
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(gallery_index, tiny_model), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    if not server.started:
-        server.should_exit = True
-        pytest.fail("the test server did not start within 30 s")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=15)
+    return serve_live(create_app(gallery_index, tiny_model))
 
 
 @pytest.fixture

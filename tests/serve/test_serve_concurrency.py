@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import GuardedModel, draw, png_bytes
+from serve_helpers import GuardedModel, SlowStream, draw, png_bytes
 
 from circot.errors import CircotError
 from circot.serve import ServeLimits, create_app
@@ -97,3 +98,31 @@ def test_index_from_another_model_is_refused(tiny_model, gallery_index):
     app = create_app(gallery_index, Other(), check_fingerprint=False)
     with TestClient(app) as client:
         assert client.get("/health").json()["index_matches_model"] is False
+
+
+def test_client_leaving_a_stream_frees_the_model(tiny_model, gallery_index, serve_live):
+    import httpx
+    from PIL import Image
+
+    image = Image.open(gallery_index.path_of("red-circle.png")).convert("RGB")
+    full = len(list(tiny_model.stream_reasoning(image, "make the circle green")))
+    assert full >= 4
+    model = SlowStream(tiny_model, delay=0.25)  # the whole reasoning would take full × 0.25 s
+    app = create_app(gallery_index, model)
+    url = serve_live(app)
+    data = {"text": "make the circle green", "gallery_id": "red-circle.png"}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", url + "/api/search/stream", data=data) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("event: token"):
+                    break  # the first piece of reasoning arrived: leave
+        assert model.closed.wait(timeout=20), "the generation went on after the client left"
+        assert model.pieces < full
+        engine = app.state.engine
+        deadline = time.monotonic() + 20
+        while engine.model_lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.model_lock.locked()
+        again = client.post(url + "/api/search", data={**data, "mode": "fast"})
+        assert again.status_code == 200

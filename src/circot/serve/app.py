@@ -332,7 +332,8 @@ def create_app(
         """Gallery image ids, for picking a reference image."""
         ids = engine.gallery_ids
         if q:
-            ids = [i for i in ids if q.lower() in i.lower()]
+            needle = q.lower()
+            ids = tuple(i for i in ids if needle in i.lower())
         items = [GalleryItem(id=i, url=image_url(request, i)) for i in ids[offset : offset + limit]]
         return GalleryPage(total=len(ids), offset=offset, items=items)
 

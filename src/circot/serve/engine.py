@@ -102,6 +102,7 @@ class SearchEngine:
         self._index_lock = threading.Lock()
         self._admission = threading.BoundedSemaphore(max_pending)
         self._by_str: dict[str, Any] = {str(i): i for i in index.ids}
+        self._id_list: tuple[str, ...] = tuple(self._by_str)
         manifest = getattr(index, "manifest", None)
         index_fp = _manifest_value(manifest, "model_fingerprint", "fingerprint")
         model_fp = getattr(model, "fingerprint", None)
@@ -117,8 +118,9 @@ class SearchEngine:
 
     # -- gallery -----------------------------------------------------------------------------------------
     @property
-    def gallery_ids(self) -> list[str]:
-        return list(self._by_str)
+    def gallery_ids(self) -> tuple[str, ...]:
+        """Every gallery id, as strings, in index order."""
+        return self._id_list
 
     def resolve(self, gallery_id: str) -> Any:
         """The index's id for a client-given id string; :class:`UploadRejected` (404) when unknown."""
