@@ -106,6 +106,10 @@ class GuardedModel:
         with self._inside():
             return self.inner.encode_queries(*args, **kwargs)
 
+    def generate_reasoning(self, *args, **kwargs):
+        with self._inside():
+            return self.inner.generate_reasoning(*args, **kwargs)
+
     def stream_reasoning(self, image, text):
         with self._inside():
             yield from self.inner.stream_reasoning(image, text)
@@ -130,6 +134,9 @@ class SlowStream:
 
     def encode_queries(self, *args, **kwargs):
         return self.inner.encode_queries(*args, **kwargs)
+
+    def generate_reasoning(self, *args, **kwargs):
+        return self.inner.generate_reasoning(*args, **kwargs)
 
     def stream_reasoning(self, image, text):
         try:

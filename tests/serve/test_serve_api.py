@@ -11,6 +11,7 @@ from PIL import Image
 from serve_helpers import draw, png_bytes
 
 from circot.prompts import CoT
+from circot.search import search_query
 
 GALLERY_ID = "red-circle.png"
 
@@ -26,14 +27,10 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
     return events
 
 
-def expected(model, index, image, text, k, mode="full", cots=None):
-    """What the library answers for the same query: (cot, [(id, score)])."""
-    if cots is not None:
-        embs, found = model.encode_queries([image], [text], mode="full", cots=cots), cots
-    else:
-        embs, found = model.encode_queries([image], [text], mode=mode, return_reasoning=True)
-    scores, ids = index.search(embs, k)
-    return found[0], [(str(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True)]
+def expected(model, index, image, text, k, mode="full", cot=None):
+    """What the library (``circot search``) answers for the same query: (cot, [(id, score)])."""
+    result = search_query(model, index, image, text, k=k, mode=mode, cot=cot)
+    return result.cot, [(h.id, h.score) for h in result.hits]
 
 
 def hits(body) -> list[tuple[str, float]]:
@@ -182,7 +179,7 @@ def test_search_from_edited_reasoning(client, tiny_model, gallery_index):
     assert body["edited"] is True
     assert {k: body["cot"][k] for k in edited} == edited
     image = Image.open(gallery_index.path_of(GALLERY_ID)).convert("RGB")
-    _, want = expected(tiny_model, gallery_index, image, text, 12, cots=[CoT(**edited)])
+    _, want = expected(tiny_model, gallery_index, image, text, 12, cot=CoT(**edited))
     assert_same_hits(hits(body), want)
     # the user steers: another conclusion gives another query embedding, so other scores
     other = client.post(
@@ -212,8 +209,14 @@ def test_stream_sends_reasoning_then_results(client, tiny_model, gallery_index):
     results = events[-2][1]
     assert results["cot"] == cot
     given = CoT(caption=cot["caption"], reasoning=cot["reasoning"], conclusion=cot["conclusion"])
-    _, want = expected(tiny_model, gallery_index, image, text, 4, cots=[given])
+    _, want = expected(tiny_model, gallery_index, image, text, 4, cot=given)
     assert_same_hits(hits(results), want)
+    # and they are what the non-streaming endpoint answers
+    plain = client.post("/api/search", data={"text": text, "gallery_id": GALLERY_ID, "k": 4}).json()
+    assert_same_hits(hits(results), hits(plain))
+    assert {k: plain["cot"][k] for k in ("caption", "reasoning", "conclusion", "raw")} == {
+        k: cot[k] for k in ("caption", "reasoning", "conclusion", "raw")
+    }
 
 
 def test_stream_fast_mode_has_no_reasoning(client):

@@ -1,8 +1,9 @@
 """End to end in headless Chromium: pick a reference, search, watch the reasoning and the results, steer.
 
 Needs Debian's ``chromium`` and ``chromedriver`` (``scripts/test-setup.sh`` installs them); skipped with the
-reason when they are missing. The server runs in a thread on a free loopback port; the browser only talks to
-it. A screenshot is saved under ``test-artifacts/``.
+reason when they are missing (``CIRCOT_CHROMIUM`` / ``CIRCOT_CHROMEDRIVER`` point elsewhere). The server runs
+in a thread on a free loopback port; the browser only talks to it. Screenshots are saved under
+``test-artifacts/`` (``CIRCOT_TEST_ARTIFACTS``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM = Path(os.environ.get("CIRCOT_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("CIRCOT_CHROMEDRIVER", "/usr/bin/chromedriver"))
 ARTIFACTS = Path(os.environ.get("CIRCOT_TEST_ARTIFACTS", "test-artifacts"))
-
-pytestmark = pytest.mark.browser
 
 
 def _missing() -> str | None:
@@ -31,6 +30,9 @@ def _missing() -> str | None:
     return None
 
 
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(_missing() is not None, reason=_missing() or "")]
+
+
 @pytest.fixture
 def live_server(serve_live, tiny_model, gallery_index):
     from circot.serve import create_app
@@ -40,9 +42,6 @@ def live_server(serve_live, tiny_model, gallery_index):
 
 @pytest.fixture
 def browser(tmp_path, monkeypatch):
-    reason = _missing()
-    if reason:
-        pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from circot.errors import CircotError
 from circot.prompts import CoT, parse_cot
+from circot.search import embed_queries
 from circot.serve.uploads import UploadRejected
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ class QueryModel(Protocol):
     embedding_dim: int
 
     def encode_queries(self, images: Sequence[Any], texts: Sequence[str], **kwargs: Any) -> Any: ...
+
+    def generate_reasoning(
+        self, images: Sequence[Any], texts: Sequence[str], batch_size: int = ...
+    ) -> Any: ...
 
     def stream_reasoning(self, image: Any, text: str) -> Iterator[str]: ...
 
@@ -183,34 +188,32 @@ class SearchEngine:
         return hits
 
     def search(self, image: Image.Image, text: str, mode: str, k: int) -> SearchOutcome:
-        """Reason about (full mode) and embed one query, then search the gallery."""
+        """Reason about (full mode) and embed one query, then search the gallery.
+
+        Full mode generates the reasoning, then embeds the query from it (as ``circot search`` does).
+        """
         start = time.perf_counter()
         with self.model_lock:
             waited = _ms(start)
-            start = time.perf_counter()
-            embs, cots = self.model.encode_queries([image], [text], mode=mode, return_reasoning=True)
-            model_ms = _ms(start)
+            embs, cots, model_s = embed_queries(self.model, [image], [text], mode, None, 1)
         start = time.perf_counter()
         hits = self.rank(embs[0], k)
-        return SearchOutcome(
-            cot=cots[0] if cots else None,
-            hits=hits,
-            timings_ms={"queue": waited, "model": model_ms, "search": _ms(start)},
-        )
+        timings = {"queue": waited}
+        if mode == "full":
+            timings["reasoning"] = round(model_s["cot_s"] * 1000.0, 2)
+        timings.update(embedding=round(model_s["embed_s"] * 1000.0, 2), search=_ms(start))
+        return SearchOutcome(cot=cots[0], hits=hits, timings_ms=timings)
 
     def search_from_cot(self, image: Image.Image, text: str, cot: CoT, k: int) -> SearchOutcome:
         """Embed one query from a given (user-edited) reasoning instead of generating it, then search."""
         start = time.perf_counter()
         with self.model_lock:
             waited = _ms(start)
-            start = time.perf_counter()
-            embs = self.model.encode_queries([image], [text], mode="full", cots=[cot])
-            model_ms = _ms(start)
+            embs, _, model_s = embed_queries(self.model, [image], [text], "full", [cot], 1)
         start = time.perf_counter()
         hits = self.rank(embs[0], k)
-        return SearchOutcome(
-            cot=cot, hits=hits, timings_ms={"queue": waited, "model": model_ms, "search": _ms(start)}
-        )
+        timings = {"queue": waited, "embedding": round(model_s["embed_s"] * 1000.0, 2), "search": _ms(start)}
+        return SearchOutcome(cot=cot, hits=hits, timings_ms=timings)
 
     def stream_search(
         self,
@@ -225,7 +228,7 @@ class SearchEngine:
 
         Full mode emits ``("token", piece)`` for each piece of reasoning as it is generated, then
         ``("cot", CoT)``; both modes end with the returned outcome (the caller emits the results). The
-        reasoning is embedded as generated. Returns None when ``cancel`` was set (the client went away).
+        reasoning is parsed and the query embedded from it, as in :meth:`search`. Returns None when ``cancel`` was set (the client went away).
         """
         if mode == "fast":
             return self.search(image, text, "fast", k)
