@@ -86,6 +86,22 @@ def test_search_shows_reasoning_and_results(live_server, browser, tiny_model, ga
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".thumb img")) == 12)
     wait.until(lambda d: "12 gallery images" in d.find_element(By.ID, "service").text)
 
+    # the page splits a half-written reasoning into its parts while it streams
+    live = browser.execute_script(
+        "return splitLive(arguments[0])", "<caption>a red circle</caption><reasoning>make it gr</reas"
+    )
+    assert live == {
+        "caption": "a red circle",
+        "reasoning": "make it gr",
+        "conclusion": "",
+        "active": "reasoning",
+    }
+    done = browser.execute_script(
+        "return splitLive(arguments[0])",
+        "<caption>a</caption><reasoning>b</reasoning><conclusion>c</conclusion><emb>",
+    )
+    assert done == {"caption": "a", "reasoning": "b", "conclusion": "c", "active": None}
+
     # pick the red circle from the gallery, type the modification, search
     browser.find_element(By.CSS_SELECTOR, '.thumb[data-id="red-circle.png"]').click()
     assert "red-circle.png" in browser.find_element(By.ID, "ref-label").text
