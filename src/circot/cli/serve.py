@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
         ),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
         port: int = typer.Option(8000, "--port", help="Port to listen on."),
-        device: str = typer.Option("cpu", "--device", help="Torch device for the model, e.g. cpu or cuda."),
+        device: str = typer.Option(
+            "auto", "--device", help="Torch device: auto (a GPU if any), cpu, cuda:0..."
+        ),
         max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest uploaded image, in MB."),
         max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest uploaded image, in pixels."),
         max_text: int = typer.Option(500, "--max-text", help="Longest modification text, in characters."),

@@ -28,12 +28,14 @@ def serve(
     model: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    device: str = "cpu",
+    device: str = "auto",
     limits: ServeLimits | None = None,
     check_fingerprint: bool = True,
     log_level: str = "info",
 ) -> None:
     """Serve the gallery index at ``index_path`` with ``model`` (default: the shipped shapes model).
+
+    ``device``: a torch device, or ``auto`` (this process's GPU when there is one, else the CPU).
 
     Blocks until the server stops. Sets PIL's process-wide decompression-bomb limit to the pixel limit.
 
@@ -50,13 +52,13 @@ def serve(
     import uvicorn
 
     from circot.index import GalleryIndex
-    from circot.model import CIRCoT
+    from circot.search import load_model
     from circot.serve.app import create_app
 
     # This process only serves: PIL's own guard now refuses anything over our pixel limit too.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     index = GalleryIndex.load(index_path)
-    loaded = CIRCoT.from_pretrained(model, device=device)
+    loaded = load_model(model, device)
     app = create_app(index, loaded, limits=limits, check_fingerprint=check_fingerprint)
     if not _is_loopback(host):
         logger.warning("serving on %s: the service is reachable from other machines", host)
