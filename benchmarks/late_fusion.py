@@ -38,12 +38,11 @@ from circot.data import load_split
 # Val-only sweep: each entry overrides the defaults of LateFusionConfig.
 SWEEP = [
     {},
-    {"temperature": 0.01},
-    {"temperature": 0.05},
     {"reference_negative": True},
-    {"pool": "grid2"},
-    {"pool": "avg+grid2"},
+    {"pool": "grid2", "reference_negative": True},
     {"pool": "avg+grid2", "reference_negative": True},
+    {"temperature": 0.01, "reference_negative": True},
+    {"temperature": 0.05, "reference_negative": True},
 ]
 
 
@@ -72,7 +71,8 @@ def sweep(args: argparse.Namespace) -> dict:
         load_split("shapes", args.world, "train"),
         load_split("shapes", args.world, "val"),
     )
-    for override in SWEEP:
+    chosen = SWEEP if args.sweep_only is None else [SWEEP[i] for i in args.sweep_only]
+    for override in chosen:
         cfg = config_from_args(args, **override)
         feats = FrozenFeatures(args.cache_dir, cfg.image_size, cfg.pool)
         data = split_features(train_split, feats, cfg.max_train_queries, cfg.seed, progress=args.progress)
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--latency-queries", type=int, default=50)
     p.add_argument("--sweep", action="store_true", help="val-only comparison of the SWEEP settings instead")
+    p.add_argument("--sweep-only", type=int, nargs="+", default=None, help="run these SWEEP entries only")
     p.add_argument("--progress", action="store_true")
     for f in fields(LateFusionConfig):
         if f.name == "seed":

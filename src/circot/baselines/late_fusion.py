@@ -43,14 +43,12 @@ class LateFusionConfig:
     dropout: float = 0.2
     temperature: float = 0.02
     reference_negative: bool = False  # add the batch's reference images as extra negatives
-    hard_negatives: int = (
-        0  # per query, this many of its own gallery near misses / unedited renderings as negatives
-    )
     epochs: int = 20
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    max_train_queries: int | None = None  # None = the whole train split
+    # Frozen-feature extraction dominates the cost (~15-35 ms per image on one CPU thread); None = every query.
+    max_train_queries: int | None = 8000
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,8 +129,6 @@ class QueryFeatures:
     target: np.ndarray  # (n, image_dim), the first target of each query
     target_ids: np.ndarray  # (n,) int ids of the first targets (the same image has the same id)
     reference_ids: np.ndarray  # (n,) int ids of the references, in the same id space
-    negatives: np.ndarray | None = None  # (n, k, image_dim) hard negatives of each query
-    negative_ids: np.ndarray | None = None  # (n, k) their ids
 
 
 def split_features(
@@ -141,40 +137,23 @@ def split_features(
     max_queries: int | None = None,
     seed: int = 0,
     progress: bool = False,
-    hard_negatives: dict[str, list[str]] | None = None,
-    n_hard: int = 0,
 ) -> QueryFeatures:
-    """Features of the queries that have a target (optionally a seeded random subset of ``max_queries``).
-
-    ``hard_negatives`` (query id → image ids) and ``n_hard``: the first ``n_hard`` of each query's list become its
-    hard negatives; a query with fewer gets its reference image in the free slots.
-    """
+    """Features of the queries that have a target (optionally a seeded random subset of ``max_queries``)."""
     queries = [q for q in split.queries if q.targets]
     if max_queries is not None and len(queries) > max_queries:
         order = np.random.default_rng(seed).permutation(len(queries))[:max_queries]
         queries = [queries[i] for i in sorted(order)]
-    negs: list[list[str]] = []
-    if n_hard > 0:
-        hard_negatives = hard_negatives or {}
-        for q in queries:
-            chosen = [i for i in hard_negatives.get(q.query_id, []) if i not in q.targets][:n_hard]
-            negs.append(chosen + [q.reference] * (n_hard - len(chosen)))
-    images = sorted(
-        {q.reference for q in queries} | {q.targets[0] for q in queries} | {i for n in negs for i in n}
-    )
+    images = sorted({q.reference for q in queries} | {q.targets[0] for q in queries})
     feats = features.images([split.image_path(i) for i in images], progress=progress)
     row = {image_id: i for i, image_id in enumerate(images)}
     ref = feats[[row[q.reference] for q in queries]]
     tgt_rows = np.array([row[q.targets[0]] for q in queries], dtype=np.int64)
-    neg_rows = np.array([[row[i] for i in n] for n in negs], dtype=np.int64)
     return QueryFeatures(
         reference=ref,
         text=features.texts([q.text for q in queries], progress=progress),
         target=feats[tgt_rows],
         target_ids=tgt_rows,
         reference_ids=np.array([row[q.reference] for q in queries], dtype=np.int64),
-        negatives=feats[neg_rows] if negs else None,
-        negative_ids=neg_rows if negs else None,
     )
 
 
@@ -216,9 +195,6 @@ def fit_combiner(
     ref, txt = torch.from_numpy(data.reference), torch.from_numpy(data.text)
     tgt, tid = torch.from_numpy(data.target), torch.from_numpy(data.target_ids)
     rid = torch.from_numpy(data.reference_ids)
-    use_hard = config.hard_negatives > 0 and data.negatives is not None
-    if use_hard:
-        neg, nid = torch.from_numpy(data.negatives), torch.from_numpy(data.negative_ids)
     n = ref.shape[0]
     steps_per_epoch = max(1, math.ceil(n / config.batch_size))
     total = steps_per_epoch * config.epochs
@@ -251,10 +227,6 @@ def fit_combiner(
                 ids = torch.cat([tid[idx], rid[idx]])
             else:
                 ids = tid[idx]
-            if use_hard:
-                # every query's hard negatives join the candidates (shared across the batch, like in-batch targets)
-                t = torch.cat([t, combiner.encode_image(neg[idx].flatten(0, 1))])
-                ids = torch.cat([ids, nid[idx].flatten()])
             loss = info_nce(q, t, config.temperature, ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -269,18 +241,6 @@ def fit_combiner(
         bar.close()
     combiner.eval()
     return combiner, history
-
-
-def shapes_hard_negatives(world_root: str | Path, split: str) -> dict[str, list[str]]:
-    """Query id → its own gallery distractors in a shapes split: unedited renderings first, then near misses."""
-    from circot.data.shapes.loader import read_annotations
-
-    order = {"unedited": 0, "near_miss": 1}
-    found: dict[str, list[tuple[int, str]]] = {}
-    for image_id, info in read_annotations(world_root, split)["images"].items():
-        if info.get("role") in order and info.get("query"):
-            found.setdefault(str(info["query"]), []).append((order[info["role"]], str(image_id)))
-    return {q: [i for _, i in sorted(v)] for q, v in found.items()}
 
 
 def _load(world_root: str | Path, split: str) -> CIRSplit:
@@ -300,10 +260,7 @@ def train(
     config = config or LateFusionConfig()
     features = features or FrozenFeatures(cache_dir, config.image_size, config.pool)
     split = _load(world_root, "train")
-    hard = shapes_hard_negatives(world_root, "train") if config.hard_negatives > 0 else None
-    data = split_features(
-        split, features, config.max_train_queries, config.seed, progress, hard, config.hard_negatives
-    )
+    data = split_features(split, features, config.max_train_queries, config.seed, progress)
     t0 = time.perf_counter()
     combiner, history = fit_combiner(data, config, progress)
     seconds = time.perf_counter() - t0
