@@ -88,8 +88,9 @@ class OptimSection:
 
 @dataclass
 class LossSection:
-    """``temperature``: τ of InfoNCE (None: the model config's). ``hard_negatives``: per-query near misses of
-    the target taken from the training gallery (shapes only; 0 = in-batch negatives only)."""
+    """``temperature``: τ of InfoNCE (None: the model config's). ``hard_negatives``: 0 = in-batch targets
+    only; 1 = also the batch's reference images (each is the "edit not applied" near miss of its query), shared
+    by every query except where a reference shows the query's target scene."""
 
     temperature: float | None = None
     symmetric: bool = False
@@ -151,7 +152,13 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     num_threads: int | None = None
-    model_name: str | None = None
+    # stop this invocation after this global step (a checkpoint is saved; `--resume` continues) — for jobs
+    # that run in time slices
+    stop_after: int | None = None
+    # train for this many seconds of wall time instead of a step count: the stages and the learning-rate
+    # schedule advance with the share of the budget spent (stage i gets steps_i / total of it). Runs end on
+    # time whatever the machine's load; they are not step-for-step reproducible.
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()

@@ -43,6 +43,7 @@ class Example:
     target: Path
     target_key: int
     cot: CoT | None = None
+    reference_key: int = -1
     family: str | None = None
     identity: bool = False
     extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -141,6 +142,8 @@ def build_examples(
         # Shapes: scenes with the same description are the same image; elsewhere the target id is its identity.
         key_name = cot.conclusion if (split.dataset == "shapes" and cot is not None) else q.targets[0]
         key = keys.setdefault(key_name, len(keys))
+        ref_name = cot.caption if (split.dataset == "shapes" and cot is not None) else q.reference
+        ref_key = keys.setdefault(ref_name, len(keys))
         examples.append(
             Example(
                 query_id=q.query_id,
@@ -149,6 +152,7 @@ def build_examples(
                 target=target,
                 target_key=key,
                 cot=cot,
+                reference_key=ref_key,
                 family=q.extras.get("family"),
                 extras={"subset": q.extras.get("subset")},
             )
@@ -184,6 +188,7 @@ def build_examples(
                     text=IDENTITY_TEXT,
                     target=src.target,
                     target_key=src.target_key,
+                    reference_key=src.target_key,
                     cot=CoT(caption=desc, reasoning=IDENTITY_REASONING, conclusion=desc),
                     family="identity",
                     identity=True,

@@ -313,11 +313,7 @@ class Trainer:
             lr=1.0,
             betas=tuple(self.cfg.optim.betas),
         )
-        stages, ratio = self.cfg.stages, self.cfg.optim.min_lr_ratio
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(stages, s, ratio))
         self.forward, self.optimizer = self.accelerator.prepare(self.forward, opt)
-        self.scheduler = sched
-        self.accelerator.register_for_checkpointing(self.scheduler)
         del start_step
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -326,7 +322,7 @@ class Trainer:
         ckpt = self.run_dir / CHECKPOINTS / f"step-{step:07d}"
         self.accelerator.save_state(str(ckpt))
         if self.is_main:
-            state = {"step": step, "python_random": random.getstate()[1][:1], "time": time.time()}
+            state = {"step": step, "wall_time_s": self._wall(), "time": time.time()}
             atomic_write_text(ckpt / STATE_FILE, json.dumps(state) + "\n")
             done = sorted(
                 (self.run_dir / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1])
@@ -341,7 +337,9 @@ class Trainer:
             logger.warning("--resume: no checkpoint in %s; starting from step 0", self.run_dir)
             return 0
         self.accelerator.load_state(str(ckpt))
-        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        step = int(state["step"])
+        self._wall_before = float(state.get("wall_time_s", 0.0))
         logger.info("resumed from %s (step %d)", ckpt, step)
         return step
 
@@ -441,8 +439,11 @@ class Trainer:
         keys = torch.as_tensor([e.target_key for e in examples], device=q_emb.device)
         hard = mask = None
         if use_hard:
-            hard = outs[n_query + 1][0][:, None, :]
-            mask = torch.as_tensor([not e.identity for e in examples], device=q_emb.device)[:, None]
+            # every reference of the batch (the "edit not applied" near miss) is a negative of every query,
+            # unless it shows the query's target scene (identity rows, or a reference equal to a target)
+            hard = outs[n_query + 1][0]
+            ref_keys = torch.as_tensor([e.reference_key for e in examples], device=q_emb.device)
+            mask = keys[:, None] != ref_keys[None, :]
         info = self.info_nce(q_emb, t_emb, target_keys=keys, hard_negatives=hard, hard_mask=mask)
         # every process computes the loss of the global batch but backpropagates its own rows only; DDP
         # averages gradients over processes, so scaling by the process count gives the global gradient.
@@ -502,7 +503,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        t_start = time.time()
+        self._t_start = time.time()
+        self._wall_before = 0.0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
@@ -513,12 +515,13 @@ class Trainer:
         start = self._load_checkpoint() if self.resume else 0
         self.accelerator.init_trackers("tb")
         total = cfg.total_steps
+        budget = cfg.time_budget_s
         accum = cfg.optim.grad_accum
         sampler = StepBatchSampler(
             len(self.examples),
             cfg.optim.batch_size,
             start * accum,
-            total * accum,
+            (total if budget is None else 10**9) * accum,
             seed=cfg.seed,
             num_processes=self.accelerator.num_processes,
             process_index=self.accelerator.process_index,
@@ -534,16 +537,28 @@ class Trainer:
         history: list[dict[str, Any]] = []
         prev_stage = None
         t_log, running = time.time(), {}
-        for step in range(start, total):
-            stage_idx, in_stage = stage_at(cfg.stages, step)
+        step = start
+        while True:
+            # progress through the schedule: the step, or (time budget) the share of the budget spent
+            progress = step if budget is None else int(total * self._shared_wall() / budget)
+            if progress >= total:
+                break
+            stage_idx, in_stage = stage_at(cfg.stages, progress)
             stage = cfg.stages[stage_idx]
             if stage_idx != prev_stage:
-                self._enter_stage(stage_idx, fresh=(in_stage == 0))
+                self._enter_stage(
+                    stage_idx, fresh=(in_stage == 0) if budget is None else prev_stage is not None
+                )
                 prev_stage = stage_idx
+                self._last_regen = None
             if stage.cot_source == "generated" and (
-                in_stage % stage.regenerate_every == 0 or not self.generated
+                self._last_regen is None or in_stage - self._last_regen >= stage.regenerate_every
             ):
                 self._refresh_generated(stage, step)
+                self._last_regen = in_stage
+            lr = lr_at(cfg.stages, progress, cfg.optim.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)
             for micro in range(accum):
                 batch = next(batches)
@@ -556,39 +571,53 @@ class Trainer:
             if cfg.optim.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.forward.parameters(), cfg.optim.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == total:
-                n_steps = cfg.log_every if done % cfg.log_every == 0 else (done - start) % cfg.log_every or 1
+            step += 1
+            bar.update(1 if budget is None else max(0, min(total, progress + 1) - bar.n))
+            if step % cfg.log_every == 0 or (budget is None and step == total):
+                n_steps = cfg.log_every if step % cfg.log_every == 0 else (step - start) % cfg.log_every or 1
                 record = {f"train/{k}": v / n_steps for k, v in running.items()}
-                record["train/lr"] = self.scheduler.get_last_lr()[0]
+                record["train/lr"] = lr
                 record["train/steps_per_s"] = n_steps / max(1e-9, time.time() - t_log)
                 record["train/stage"] = stage_idx
-                self._log(record, done)
+                record["train/progress"] = progress
+                self._log(record, step)
                 bar.set_postfix(
-                    {
-                        k.split("/")[1]: f"{v:.3f}"
-                        for k, v in record.items()
-                        if k.startswith("train/") and "loss" in k or k.endswith(("nce", "ce"))
-                    }
+                    {k.split("/")[1]: f"{v:.3f}" for k, v in record.items() if k.endswith(("nce", "_ce"))}
                 )
-                history.append({"step": done, **record})
+                history.append({"step": step, **record})
                 running, t_log = {}, time.time()
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < total:
-                self._evaluate(done)
-            if cfg.save_every and done % cfg.save_every == 0 and done < total:
-                self._save_checkpoint(done)
+            finished = budget is None and step >= total
+            if cfg.eval.every and step % cfg.eval.every == 0 and not finished:
+                self._evaluate(step)
+            if cfg.save_every and step % cfg.save_every == 0 and not finished:
+                self._save_checkpoint(step)
+            if cfg.stop_after is not None and step >= cfg.stop_after and not finished:
+                bar.close()
+                if not (cfg.save_every and step % cfg.save_every == 0):
+                    self._save_checkpoint(step)
+                logger.info("stopping after step %d as asked (stop_after); continue with --resume", step)
+                self.accelerator.end_training()
+                return TrainResult(self.run_dir, None, step, self._wall(), {}, history)
         bar.close()
-        self._save_checkpoint(total)
-        final = self._evaluate(total, final=True)
-        model_dir = self._save_final(final, time.time() - t_start + self._previous_wall_time())
+        self._save_checkpoint(step)
+        final = self._evaluate(step, final=True)
+        model_dir = self._save_final(final, self._wall(), step)
         self.accelerator.end_training()
-        return TrainResult(self.run_dir, model_dir, total, time.time() - t_start, final, history)
+        return TrainResult(self.run_dir, model_dir, step, self._wall(), final, history)
 
-    def _previous_wall_time(self) -> float:
-        return 0.0
+    def _shared_wall(self) -> float:
+        """Wall time of the run so far, as the main process measures it (the same on every process)."""
+        wall = torch.tensor([self._wall()], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            dist.broadcast(wall, src=0)
+        return float(wall.item())
+
+    def _wall(self) -> float:
+        """Training wall time so far, over every invocation of this run."""
+        return round(self._wall_before + time.time() - self._t_start, 1)
 
     def _enter_stage(self, stage_idx: int, fresh: bool) -> None:
         st = self.cfg.stages[stage_idx]
@@ -604,7 +633,7 @@ class Trainer:
             elif not frozen and not p.requires_grad and getattr(p, "_circot_trainable", True):
                 p.requires_grad_(True)
 
-    def _save_final(self, final: dict[str, Any], wall: float) -> Path | None:
+    def _save_final(self, final: dict[str, Any], wall: float, steps: int) -> Path | None:
         model_dir = self.run_dir / FINAL_MODEL
         if self.is_main:
             results = {
@@ -613,7 +642,7 @@ class Trainer:
             info = {
                 "dataset": self.cfg.data.dataset,
                 "val_split": self.cfg.data.val_split,
-                "steps": self.cfg.total_steps,
+                "steps": steps,
                 "training_wall_time_s": round(wall, 1),
                 "eval": results,
             }
