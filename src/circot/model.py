@@ -390,6 +390,7 @@ class CIRCoT(nn.Module):
             return self._fingerprint[1]
         h = hashlib.sha256()
         cfg = self.config.to_dict()
+        cfg.pop("gradient_checkpointing", None)  # a training switch; embeddings do not depend on it
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
         for name, tensor in sorted(self.model.state_dict().items()):
