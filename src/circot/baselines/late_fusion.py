@@ -38,12 +38,12 @@ class LateFusionConfig:
 
     image_size: int = 112  # EfficientNet-Lite0 input side (the shapes world renders 112 px)
     pool: str = "avg"  # "avg" | "grid2" | "avg+grid2", see ImageFeatureExtractor
-    proj_dim: int = 512
-    hidden_dim: int = 1024
+    proj_dim: int = 256
+    hidden_dim: int = 512
     dropout: float = 0.2
     temperature: float = 0.02
     reference_negative: bool = False  # add the batch's reference images as extra negatives
-    epochs: int = 20
+    epochs: int = 15
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -98,7 +98,7 @@ class FrozenFeatures:
             self.n_computed += len(idx)
             return out
 
-        return select_pool(self.image_cache.get_many(keys, compute, progress=progress), self.pool)
+        return select_pool(self.image_cache.get_many(keys, compute, chunk=4096, progress=progress), self.pool)
 
     def encode_image_now(self, path: Path) -> torch.Tensor:
         """One image, uncached: (1, image_dim) features for ``self.pool`` (used to time a query)."""
