@@ -1,0 +1,317 @@
+"""The README results table: every row evaluated on the shapes world by one harness.
+
+Rows (design.md §4, issue 5):
+  (a)  late fusion — frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features, trained CLIP4Cir-style combiner
+  (b)  the tiny MLLM trained without CoT, fast mode
+  (c)  CIR-CoT, full mode (the model writes caption → reasoning → conclusion, then <emb>)
+  (c') the same model, fast mode (no CoT)
+  (c*) the same model fed the gold CoT (the ceiling when the reasoning is right)
+
+Every retrieval number comes from ``circot.metrics.evaluate`` on query × gallery cosine scores over the whole
+gallery of each split. Usage (the commands that made README's table are in benchmarks/README.md):
+
+    python benchmarks/results_table.py --world data/shapes \\
+        --cot-run runs/shapes-tiny-cot --nocot-run runs/shapes-tiny-nocot \\
+        --late-fusion-json benchmarks/results/late_fusion.json \\
+        --out benchmarks/results.md --json benchmarks/results.json
+
+``--cot-model DIR`` / ``--nocot-model DIR`` evaluate a model directory without its run (training time then comes
+from ``--cot-train-time`` / ``--nocot-train-time`` or the model's card). Without ``--late-fusion-json`` row (a) is
+trained here by ``circot.baselines.late_fusion.train_and_evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from circot.data import load_split
+from circot.data.records import CIRSplit
+
+logger = logging.getLogger("results_table")
+
+FAMILIES = ("attribute", "add", "remove", "move", "swap", "relational", "set", "two_step")
+SUBSETS = ("novel_pairs", "more_objects", "novel_combos")
+ROWS = {
+    "a": "(a) late fusion",
+    "b": "(b) no-CoT MLLM, fast",
+    "c": "(c) CIR-CoT, full",
+    "c_fast": "(c′) CIR-CoT model, fast",
+    "c_gold": "(c*) CIR-CoT model fed gold CoT",
+}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _train_time(run: Path | None, explicit: float | None) -> float | None:
+    if explicit is not None:
+        return explicit
+    if run is not None and (run / "final_eval.json").exists():
+        return float(json.loads((run / "final_eval.json").read_text())["training_wall_time_s"])
+    return None
+
+
+def query_latency_ms(model: Any, split: CIRSplit, mode: str, n: int, cots: list | None = None) -> float:
+    """Median wall time of one query at batch size 1 (reference image read + CoT generation if full + embed)."""
+    qs = split.queries[:n]
+    model.encode_queries(
+        [split.image_path(qs[0].reference)], [qs[0].text], mode=mode, batch_size=1
+    )  # warm-up
+    times = []
+    for i, q in enumerate(qs):
+        t0 = time.perf_counter()
+        model.encode_queries(
+            [split.image_path(q.reference)],
+            [q.text],
+            mode=mode,
+            batch_size=1,
+            cots=[cots[i]] if cots is not None else None,
+        )
+        times.append(1000 * (time.perf_counter() - t0))
+    return float(statistics.median(times))
+
+
+def evaluate_mllm(
+    model: Any, split: CIRSplit, rows: list[str], batch_size: int, latency_n: int
+) -> dict[str, dict[str, Any]]:
+    """Rows b / c / c_fast / c_gold of one model on one split."""
+    from circot.data import shapes
+    from circot.metrics import evaluate
+
+    paths = [split.gallery.path(i) for i in split.gallery.ids]
+    t0 = time.perf_counter()
+    gallery = model.encode_images(paths, batch_size=batch_size, show_progress_bar=True)
+    logger.info("%s: gallery of %d images in %.0f s", split.split, len(paths), time.perf_counter() - t0)
+    refs = [split.image_path(q.reference) for q in split.queries]
+    texts = [q.text for q in split.queries]
+    gold = [shapes.gold_cot(q) for q in split.queries]
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        t0 = time.perf_counter()
+        res: dict[str, Any] = {}
+        if row == "c":
+            emb, cots = model.encode_queries(
+                refs, texts, mode="full", batch_size=batch_size, return_reasoning=True, show_progress_bar=True
+            )
+            res["cot"] = shapes.score_cot(cots, gold)
+            res["examples"] = [
+                {"query_id": q.query_id, "text": q.text, "generated": c.to_dict(), "gold": g.to_dict()}
+                for q, c, g in list(zip(split.queries, cots, gold, strict=True))[:5]
+            ]
+            # reasoning quality per family (conclusion exact match), to read beside R@1 per family
+            per_family: dict[str, float] = {}
+            for fam in FAMILIES:
+                idx = [i for i, q in enumerate(split.queries) if q.extras.get("family") == fam]
+                if idx:
+                    s = shapes.score_cot([cots[i] for i in idx], [gold[i] for i in idx])
+                    per_family[fam] = s["conclusion_exact"]
+            res["conclusion_exact_per_family"] = per_family
+            latency_mode, latency_cots = "full", None
+        elif row == "c_gold":
+            emb = model.encode_queries(refs, texts, mode="full", batch_size=batch_size, cots=gold)
+            latency_mode, latency_cots = "full", gold
+        else:  # b, c_fast
+            emb = model.encode_queries(refs, texts, mode="fast", batch_size=batch_size)
+            latency_mode, latency_cots = "fast", None
+        scores = np.asarray(emb, dtype=np.float32) @ gallery.T
+        result = evaluate(split, scores)
+        res["metrics"] = result.metrics
+        res["n_queries"] = result.n_queries
+        res["eval_seconds"] = time.perf_counter() - t0
+        if latency_n:
+            res["query_latency_ms"] = query_latency_ms(model, split, latency_mode, latency_n, latency_cots)
+        logger.info(
+            "%s %s: R@1 %.2f (%.0f s)",
+            split.split,
+            row,
+            result.metrics.get("R@1", float("nan")),
+            res["eval_seconds"],
+        )
+        out[row] = res
+    return out
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = ["# Results on the shapes world", ""]
+    meta = report["meta"]
+    lines += [
+        f"World: `{meta['world']}` (generator {meta.get('generator_version')}, seed {meta.get('seed')}); "
+        f"machine: {meta['machine']}; torch threads {meta['threads']}.",
+        "Retrieval metrics in %, over each split's whole gallery (targets, duplicates, references, unedited "
+        "re-renderings, near misses, random scenes). Query latency: median ms per query at batch size 1.",
+        "",
+    ]
+    for split in report["splits"]:
+        rows = report["rows"]
+        lines += [f"## {split}", ""]
+        lines += [
+            "| row | R@1 | R@5 | mAP@5 | caption F1 | conclusion EM | training wall time | query latency (ms) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for key, label in ROWS.items():
+            r = rows.get(key, {}).get(split)
+            if r is None:
+                continue
+            m = r["metrics"]
+            cot = r.get("cot", {})
+            train_s = rows[key].get("train_wall_time_s")
+            lines.append(
+                f"| {label} | {_fmt(m.get('R@1'))} | {_fmt(m.get('R@5'))} | {_fmt(m.get('mAP@5'))} | "
+                f"{_fmt(100 * cot['caption_f1']) if cot else '—'} | {_fmt(100 * cot['conclusion_exact']) if cot else '—'} | "
+                f"{_fmt(train_s / 60 if train_s else None)} min | {_fmt(r.get('query_latency_ms'))} |"
+            )
+        lines += ["", f"R@1 per edit family ({split}):", ""]
+        fams = list(FAMILIES)
+        subsets = list(SUBSETS) if split == "test-novel" else []
+        header = fams + subsets
+        lines += ["| row | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+        for key, label in ROWS.items():
+            r = rows.get(key, {}).get(split)
+            if r is None:
+                continue
+            m = r["metrics"]
+            cells = [_fmt(m.get(f"R@1|family={f}")) for f in fams] + [
+                _fmt(m.get(f"R@1|subset={s}")) for s in subsets
+            ]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        c = rows.get("c", {}).get(split)
+        if c and c.get("conclusion_exact_per_family"):
+            em = c["conclusion_exact_per_family"]
+            lines.append(
+                "| (c) conclusion EM | "
+                + " | ".join(_fmt(100 * em[f]) if f in em else "—" for f in fams)
+                + (" | " + " | ".join("" for _ in subsets) if subsets else "")
+                + " |"
+            )
+        lines.append("")
+    lines += ["## Commands", "", "```", *report["meta"]["commands"], "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", required=True, type=Path)
+    ap.add_argument("--splits", nargs="+", default=["val", "test-novel"])
+    ap.add_argument("--cot-run", type=Path)
+    ap.add_argument("--cot-model", type=Path)
+    ap.add_argument("--cot-train-time", type=float)
+    ap.add_argument("--nocot-run", type=Path)
+    ap.add_argument("--nocot-model", type=Path)
+    ap.add_argument("--nocot-train-time", type=float)
+    ap.add_argument(
+        "--late-fusion-json", type=Path, help="row (a) from benchmarks/late_fusion.py (else trained here)"
+    )
+    ap.add_argument("--skip-late-fusion", action="store_true")
+    ap.add_argument("--max-queries", type=int, default=None, help="first N queries per split (default all)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--latency-queries", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results.md"))
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    from circot.model import CIRCoT
+
+    splits = {}
+    for name in args.splits:
+        s = load_split("shapes", args.world, name)
+        if args.max_queries:
+            s.queries = s.queries[: args.max_queries]
+        splits[name] = s
+    any_split = next(iter(splits.values()))
+    rows: dict[str, dict[str, Any]] = {}
+    t_all = time.perf_counter()
+
+    # (a) late fusion
+    if not args.skip_late_fusion:
+        if args.late_fusion_json:
+            lf = json.loads(args.late_fusion_json.read_text())
+        else:
+            from circot.baselines.late_fusion import train_and_evaluate
+
+            lf = train_and_evaluate(args.world, splits=args.splits, num_threads=args.threads)
+        rows["a"] = {"train_wall_time_s": lf["train"]["wall_time_s"]}
+        for name, r in lf["splits"].items():
+            if name in splits:
+                rows["a"][name] = {
+                    "metrics": r["metrics"],
+                    "n_queries": r["n_queries"],
+                    "query_latency_ms": r.get("query_latency_ms", {}).get("total"),
+                }
+
+    # (b) no-CoT
+    nocot_dir = args.nocot_model or (args.nocot_run / "model" if args.nocot_run else None)
+    if nocot_dir:
+        model = CIRCoT.from_pretrained(nocot_dir).eval()
+        rows["b"] = {
+            "model": str(nocot_dir),
+            "fingerprint": model.fingerprint,
+            "train_wall_time_s": _train_time(args.nocot_run, args.nocot_train_time),
+        }
+        for name, s in splits.items():
+            rows["b"][name] = evaluate_mllm(model, s, ["b"], args.batch_size, args.latency_queries)["b"]
+
+    # (c), (c'), (c*)
+    cot_dir = args.cot_model or (args.cot_run / "model" if args.cot_run else None)
+    if cot_dir:
+        model = CIRCoT.from_pretrained(cot_dir).eval()
+        train_s = _train_time(args.cot_run, args.cot_train_time)
+        for key in ("c", "c_fast", "c_gold"):
+            rows[key] = {
+                "model": str(cot_dir),
+                "fingerprint": model.fingerprint,
+                "train_wall_time_s": train_s,
+            }
+        for name, s in splits.items():
+            res = evaluate_mllm(model, s, ["c", "c_fast", "c_gold"], args.batch_size, args.latency_queries)
+            for key, r in res.items():
+                rows[key][name] = r
+
+    import sys
+
+    report = {
+        "meta": {
+            "world": str(args.world),
+            "generator_version": any_split.conventions.get("generator_version"),
+            "seed": any_split.conventions.get("seed"),
+            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)",
+            "threads": args.threads,
+            "seconds": time.perf_counter() - t_all,
+            "commands": ["python " + " ".join(sys.argv)],
+        },
+        "splits": list(splits),
+        "rows": rows,
+    }
+    write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    write_atomic(args.out, render_markdown(report))
+    logger.info("wrote %s and %s", args.out, args.json)
+
+
+if __name__ == "__main__":
+    main()
