@@ -129,3 +129,24 @@ def test_interrupted_save_keeps_previous_index(tmp_path, monkeypatch):
     monkeypatch.undo()
     loaded = GalleryIndex.load(tmp_path / "ix")
     assert len(loaded) == 10 and "extra" not in loaded
+
+
+def test_batched_flat_search_matches_faiss_and_brute_force(tmp_path):
+    from circot.index import _blocked_topk
+
+    idx, x = make(300, 16)
+    q = unit(40, 16, seed=2)  # a batch large enough for the numpy path
+    scores, rows = idx.search_positions(q, 12)
+    ref_s, ref_r = brute_force_search(x, q, 12)
+    assert rows.tolist() == ref_r.tolist()
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+    f_s, f_r = idx.faiss_index.search(q, 12)
+    assert f_r.tolist() == rows.tolist()
+    # small blocks, ties (duplicated vectors: lower row first) and k beyond the gallery
+    g = np.concatenate([x[:5], x[:5]])
+    s, r = _blocked_topk(g, x[:3], 14, block=3)
+    assert r[:, :2].tolist() == [[0, 5], [1, 6], [2, 7]] and (r[:, 10:] == -1).all()
+    assert np.isneginf(s[:, 10:]).all()
+    idx.save(tmp_path / "ix")
+    mm = GalleryIndex.load(tmp_path / "ix", mmap=True)
+    assert mm.search_positions(q, 12)[1].tolist() == ref_r.tolist()

@@ -43,6 +43,9 @@ INDEX_FORMAT = "circot-index"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEFAULT_FACTORY = "Flat"
+# From this many queries in one call, exact flat search runs as blocked BLAS products in numpy: faiss's own
+# batched flat search measured several times slower here (benchmarks/retrieval.py); single queries stay in faiss.
+NUMPY_BATCH_MIN = 8
 
 
 def _faiss():
@@ -307,11 +310,30 @@ class GalleryIndex:
             return np.zeros((0, k), np.float32), np.full((0, k), -1, np.int64)
         if self._index.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        scores, rows = self._index.search(q, int(k))
+        flat = self._flat_vectors() if len(q) >= NUMPY_BATCH_MIN else None
+        if flat is not None:
+            scores, rows = _blocked_topk(flat, q, int(k))
+        else:
+            scores, rows = self._index.search(q, int(k))
         scores = scores.astype(np.float32, copy=False)
         rows = rows.astype(np.int64, copy=False)
         scores[rows < 0] = -np.inf
         return scores, rows
+
+    def _flat_vectors(self) -> np.ndarray | None:
+        """A zero-copy (n, d) view of an exact flat inner-product index's vectors, else None."""
+        faiss = _faiss()
+        index = faiss.downcast_index(self._index)
+        if (
+            type(index) not in (faiss.IndexFlatIP, faiss.IndexFlat)
+            or index.metric_type != faiss.METRIC_INNER_PRODUCT
+        ):
+            return None
+        n = index.ntotal
+        if n == 0:
+            return None
+        view = faiss.rev_swig_ptr(index.get_xb(), n * self.dim)
+        return np.asarray(view).reshape(n, self.dim)
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` gallery ids per query: ``(scores float32 (n, k), ids object array of str (n, k))``.
@@ -415,6 +437,38 @@ class GalleryIndex:
         if index.d != manifest.dim:
             raise CircotError(f"{folder}: faiss index has dimension {index.d}, manifest says {manifest.dim}")
         return cls(index, ids, paths, manifest, mmapped=mmapped)
+
+
+def _blocked_topk(
+    gallery: np.ndarray, queries: np.ndarray, k: int, block: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner product: one BLAS product per gallery block, top-k kept across blocks; -inf/-1 padding.
+
+    ``block`` defaults to ~64M scores (256 MB) per product."""
+    nq, n = len(queries), len(gallery)
+    block = block or max(65536, (1 << 26) // max(nq, 1))
+    best_s = np.full((nq, 0), -np.inf, np.float32)
+    best_i = np.zeros((nq, 0), np.int64)
+    for start in range(0, n, block):
+        s = queries @ gallery[start : start + block].T
+        kk = min(k, s.shape[1])
+        part = (
+            np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            if kk < s.shape[1]
+            else np.broadcast_to(np.arange(s.shape[1]), (nq, s.shape[1]))
+        )
+        cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+        cand_i = np.concatenate([best_i, part + start], axis=1)
+        keep = min(k, cand_s.shape[1])
+        # order by score descending, ties by row (as the exact scan would)
+        order = np.lexsort((cand_i, -cand_s), axis=1)[:, :keep]
+        best_s = np.take_along_axis(cand_s, order, axis=1)
+        best_i = np.take_along_axis(cand_i, order, axis=1)
+    if best_s.shape[1] < k:
+        pad = k - best_s.shape[1]
+        best_s = np.pad(best_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        best_i = np.pad(best_i, ((0, 0), (0, pad)), constant_values=-1)
+    return best_s.astype(np.float32, copy=False), best_i
 
 
 def _read_manifest_if_any(folder: Path) -> IndexManifest | None:

@@ -26,6 +26,12 @@ def register(app: typer.Typer) -> None:
             None, "--report", help="HTML report path; default <workdir>/report.html."
         ),
         device: str = typer.Option("cpu", "--device", help="Torch device."),
+        threads: int = typer.Option(
+            1,
+            "--threads",
+            min=0,
+            help="CPU threads for torch (0: torch's default); one is plenty for the tiny model.",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Run a handful of composed queries on a small shapes gallery and show the reasoning behind each result."""
@@ -35,6 +41,10 @@ def register(app: typer.Typer) -> None:
 
         if mode not in MODES:
             raise CircotError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         result = run_demo(
             workdir, model=model, n_queries=queries, k=k, mode=mode, report=report, device=device
         )
