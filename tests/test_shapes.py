@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,16 @@ from circot.data.shapes import (
     FAMILIES,
     NOVEL_SUBSETS,
     SPLITS,
+    World,
     generate,
     gold_cot,
     load,
     parse_description,
+    read_annotations,
     scene_from_dict,
 )
+from circot.data.shapes.grammar import Step, apply_program, interpretations
+from circot.data.shapes.scene import pairs
 from circot.errors import CircotError, DataError
 
 TINY = dict(n_train=24, n_val=16, n_test=8, n_novel=12)
@@ -91,3 +97,103 @@ def test_load_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "val.json").write_text("{not json")
     with pytest.raises(DataError, match="val.json"):
         load(tmp_path, "val")
+
+
+def _annotations(root: Path, split: str) -> dict:
+    return read_annotations(root, split)
+
+
+def test_targets_are_every_gallery_image_of_the_target_scene(world: Path) -> None:
+    for split in ("val", "test", "test-novel"):
+        data = _annotations(world, split)
+        images, gallery = data["images"], set(data["gallery"])
+        assert gallery == set(images)
+        for q in data["queries"]:
+            target = scene_from_dict(q["target_scene"])
+            same = {i for i in gallery if scene_from_dict(images[i]["scene"]) == target}
+            assert set(q["targets"]) == same
+            assert images[q["targets"][0]]["role"] == "target"
+            assert q["reference"] in gallery
+            assert scene_from_dict(images[q["reference"]]["scene"]) == scene_from_dict(q["reference_scene"])
+            assert target == apply_program(
+                scene_from_dict(q["reference_scene"]), [Step.from_dict(s) for s in q["program"]]
+            )
+
+
+def test_gallery_composition(world: Path) -> None:
+    data = _annotations(world, "val")
+    roles = Counter(info["role"] for info in data["images"].values())
+    assert roles["reference"] == roles["target"] == len(data["queries"])
+    assert roles["near_miss"] >= len(data["queries"])  # hard negatives for (almost) every query
+    assert roles["random"] > 0 and roles["duplicate"] > 0 and roles["unedited"] > 0
+    by_query: dict[str, list[dict]] = {}
+    for info in data["images"].values():
+        by_query.setdefault(info["query"], []).append(info)
+    for q in data["queries"]:
+        target, ref = scene_from_dict(q["target_scene"]), scene_from_dict(q["reference_scene"])
+        for info in by_query[q["id"]]:
+            scene = scene_from_dict(info["scene"])
+            if info["role"] == "near_miss":
+                assert scene not in (target, ref)
+            if info["role"] == "duplicate":
+                assert scene == target
+            if info["role"] == "unedited":
+                assert scene == ref
+    # the train split needs no gallery: its image list is the references and targets
+    train = _annotations(world, "train")
+    assert {i["role"] for i in train["images"].values()} == {"reference", "target"}
+
+
+def test_held_out_combinations_never_in_train_val_test(world: Path) -> None:
+    w = World.from_dict(_annotations(world, "train")["world"])
+    held_pairs, held_combos = set(w.held_out_pairs), set(w.held_out_combos)
+    assert len(held_pairs) == 5 and len(held_combos) == 5
+    for split in ("train", "val", "test"):
+        data = _annotations(world, split)
+        for info in data["images"].values():
+            scene = scene_from_dict(info["scene"])
+            assert not (pairs(scene) & held_pairs)
+            assert len(scene) <= w.max_objects
+        for q in data["queries"]:
+            if q["family"] == "two_step":
+                assert tuple(q["ops"]) not in held_combos
+    novel = _annotations(world, "test-novel")
+    subsets = Counter(q["subset"] for q in novel["queries"])
+    assert set(subsets) == set(NOVEL_SUBSETS)
+    for q in novel["queries"]:
+        ref, target = scene_from_dict(q["reference_scene"]), scene_from_dict(q["target_scene"])
+        if q["subset"] == "novel_pairs":
+            assert pairs(target) & held_pairs
+        elif q["subset"] == "more_objects":
+            assert len(ref) > w.max_objects
+        else:
+            assert q["family"] == "two_step" and tuple(q["ops"]) in held_combos
+
+
+def test_every_text_is_unambiguous_for_its_scene(world: Path) -> None:
+    for split in ("val", "test-novel"):
+        for q in _annotations(world, split)["queries"]:
+            ref, target = scene_from_dict(q["reference_scene"]), scene_from_dict(q["target_scene"])
+            assert interpretations(ref, q["text"]) == {target}, q["text"]
+
+
+def test_families_are_balanced(world: Path) -> None:
+    fams = Counter(q["family"] for q in _annotations(world, "val")["queries"])
+    assert set(fams) == set(FAMILIES)
+
+
+def test_cli_generates_and_check_accepts(cli, tmp_path: Path) -> None:
+    out = tmp_path / "cli-world"
+    args = ["--out", out, "--n-train", "4", "--n-val", "3", "--n-test", "2", "--n-novel", "3", "--seed", "5"]
+    code, stdout, err = cli("data", "shapes", *args, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["splits"]["val"]["queries"] == 3 and report["seed"] == 5
+    assert (out / "README.md").is_file()
+    code, _, err = cli("data", "shapes", *args)
+    assert code != 0 and "error:" in err and "overwrite" in err
+    code, stdout, err = cli("data", "shapes", *args, "--overwrite")
+    assert code == 0, err
+    assert "queries" in stdout
+    code, stdout, err = cli("data", "check", "--dataset", "shapes", "--root", out)
+    assert code == 0, err + stdout

@@ -487,6 +487,21 @@ def all_steps(scene: Scene, max_objects: int = len(CELLS)) -> Iterator[Step]:
                         yield Step("set", select=(sel_attr, sel_value), attr=attr, value=value)
 
 
+def _may_say(step: Step, text: str, words: set[str]) -> bool:
+    """Cheap necessary condition for ``text`` to say ``step`` (every realization names these words)."""
+    if step.op == "add":
+        return step.new is not None and f"a {step.new.noun()} " in text
+    if step.op == "attribute":
+        v = step.value
+        return v in words or (step.attr == "size" and bool({COMPARATIVE[v], SIZE_VERB[v]} & words))  # type: ignore[index]
+    if step.op == "move":
+        return POSITIONS[step.dest] in text or "directly" in words or "one" in words  # type: ignore[index]
+    if step.op == "set":
+        return "all" in words and (step.value is None or step.value in words or PLURALS.get(step.value, "") in words
+                                   or COMPARATIVE.get(step.value, "") in words)  # fmt: skip
+    return True
+
+
 def interpretations(scene: Scene, text: str) -> set[Scene]:
     """Every scene that ``text`` can mean for ``scene`` under the grammar, reading references loosely.
 
@@ -494,7 +509,15 @@ def interpretations(scene: Scene, text: str) -> set[Scene]:
     and read step by step.
     """
     results: set[Scene] = set()
+    words = set(text.split())
+    named = {o.cell: any(r.phrase in text for r in refs(scene, o, unique=False)) for o in scene}
     for step in all_steps(scene):
+        if not _may_say(step, text, words):
+            continue
+        if step.cell is not None and not named[step.cell]:
+            continue
+        if step.other is not None and not named[step.other]:
+            continue
         for r in realize(scene, step, unique=False):
             if r.text == text:
                 results.add(apply_step(scene, step))
