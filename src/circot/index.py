@@ -451,11 +451,12 @@ def _blocked_topk(
     best_i = np.zeros((nq, 0), np.int64)
     for start in range(0, n, block):
         s = queries @ gallery[start : start + block].T
-        kk = min(k, s.shape[1])
+        m = s.shape[1]
+        kk = min(k, m)
         part = (
-            np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            if kk < s.shape[1]
-            else np.broadcast_to(np.arange(s.shape[1]), (nq, s.shape[1]))
+            np.argpartition(s, m - kk, axis=1)[:, m - kk :]  # the kk largest, unordered
+            if kk < m
+            else np.broadcast_to(np.arange(m), (nq, m))
         )
         cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
         cand_i = np.concatenate([best_i, part + start], axis=1)
