@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,39 @@ def test_list_images_errors(tmp_path):
 
     with pytest.raises(CircotError, match="bad.png"):
         build_index(Strict(), tmp_path / "g", tmp_path / "ix", use_cache=False)
+
+
+@pytest.mark.slow
+def test_two_processes_encode_shards_and_rank0_merges(tmp_path):
+    """Two real processes launched like torchrun (RANK / WORLD_SIZE): each encodes half, rank 0 writes the index."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_images(tmp_path / "g", 11)
+    here = Path(__file__).parent
+    script = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]);"
+        "from retrieval_fakes import FakeEncoder; from circot.gallery import build_index;"
+        "enc = FakeEncoder(); ix = build_index(enc, sys.argv[2], sys.argv[3], use_cache=False);"
+        "print(json.dumps({'encoded': enc.images, 'count': None if ix is None else len(ix)}))"
+    )
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(here), str(tmp_path / "g"), str(tmp_path / "ix")],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs[0] == {"encoded": 5, "count": 11} and outs[1] == {"encoded": 6, "count": None}
+    index = GalleryIndex.load(tmp_path / "ix")
+    np.testing.assert_allclose(
+        index.vectors(), FakeEncoder().encode_images(list_images(tmp_path / "g")[1]), atol=1e-6
+    )
