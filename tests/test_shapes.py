@@ -197,3 +197,19 @@ def test_cli_generates_and_check_accepts(cli, tmp_path: Path) -> None:
     assert "queries" in stdout
     code, stdout, err = cli("data", "check", "--dataset", "shapes", "--root", out)
     assert code == 0, err + stdout
+
+
+def test_distractors_are_random_edits_of_the_reference(tmp_path: Path) -> None:
+    root = generate(tmp_path / "d", seed=1, n_train=2, n_val=10, n_test=0, n_novel=0, distractors=2)
+    data = read_annotations(root, "val")
+    assert data["distractors"] == 2
+    assert not (root / "test.json").exists()
+    queries = {q["id"]: q for q in data["queries"]}
+    n = 0
+    for info in data["images"].values():
+        if info["role"] == "distractor":
+            n += 1
+            q = queries[info["query"]]
+            scene = scene_from_dict(info["scene"])
+            assert scene not in (scene_from_dict(q["target_scene"]), scene_from_dict(q["reference_scene"]))
+    assert n == 20

@@ -19,7 +19,7 @@ Layout of ``out_dir``::
 
 Image roles: reference, target, duplicate (another rendering of a target scene: an extra ground truth),
 unedited (another rendering of a reference scene), near_miss (wrong object / wrong value / partial edit),
-random. Determinism: every random draw comes from generators seeded by (seed, split, stage, index), so the
+distractor (a random single edit of the reference; only with ``distractors`` > 0), random. Determinism: every random draw comes from generators seeded by (seed, split, stage, index), so the
 same seed and generator version give byte-identical files, with any number of worker processes.
 """
 
@@ -49,6 +49,7 @@ from circot.data.shapes.sampling import (
     World,
     make_world,
     near_misses,
+    random_edits,
     sample_query,
     sample_scene,
     split_rules,
@@ -124,8 +125,12 @@ def _query_record(split: str, index: int, sampled: Sampled, ref_id: str) -> dict
     }
 
 
-def plan_split(world: World, split: str, n_queries: int, seed: int) -> SplitPlan:
-    """Sample a split's queries and the scenes of its images (no pixels yet)."""
+def plan_split(world: World, split: str, n_queries: int, seed: int, distractors: int = 0) -> SplitPlan:
+    """Sample a split's queries and the scenes of its images (no pixels yet).
+
+    ``distractors``: extra gallery images per evaluation query, each a random single edit of the reference
+    that is not the target (0 keeps the galleries of generator version 1.0 unchanged).
+    """
     images: list[ImageSpec] = []
 
     def add_image(scene: Scene, role: str, query: str | None) -> str:
@@ -151,6 +156,8 @@ def plan_split(world: World, split: str, n_queries: int, seed: int) -> SplitPlan
                 add_image(sampled.reference, "unedited", qid)
             for _kind, scene in near_misses(rng, sampled, rules):
                 add_image(scene, "near_miss", qid)
+            for scene in random_edits(rng, sampled, rules, distractors):
+                add_image(scene, "distractor", qid)
         records.append(record)
     if split == "train":
         for record, (target_id, _) in zip(records, main_target, strict=True):
@@ -184,6 +191,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the dataset is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -231,8 +239,9 @@ def _render_all(
     bar.close()
 
 
-def _split_json(plan: SplitPlan, world: World, seed: int, size: int) -> dict[str, Any]:
-    return {
+def _split_json(plan: SplitPlan, world: World, seed: int, size: int, distractors: int = 0) -> dict[str, Any]:
+    extra = {"distractors": distractors} if distractors else {}  # absent by default: v1.0 files unchanged
+    return extra | {
         "dataset": "shapes",
         "split": plan.split,
         "generator_version": GENERATOR_VERSION,
@@ -289,6 +298,7 @@ def generate(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    distractors: int = 0,
 ) -> Path:
     """Generate the shapes world into ``out_dir`` and return it.
 
@@ -300,12 +310,13 @@ def generate(
         workers: processes rendering images (the output does not depend on it).
         overwrite: replace a shapes dataset already in ``out_dir``.
         progress: show progress bars.
+        distractors: extra gallery images per evaluation query, random single edits of its reference
+            (harder R@5/R@10: the reference's neighbourhood in the gallery grows). 0 by default.
     """
-    return Path(
-        generate_report(
-            out_dir, seed, n_train, n_val, n_test, n_novel, image_size, workers, overwrite, progress
-        )["out"]
+    report = generate_report(
+        out_dir, seed, n_train, n_val, n_test, n_novel, image_size, workers, overwrite, progress, distractors
     )
+    return Path(report["out"])
 
 
 def generate_report(
@@ -319,6 +330,7 @@ def generate_report(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = False,
+    distractors: int = 0,
 ) -> dict[str, Any]:
     """:func:`generate`, returning a summary: output folder, timings, sizes, families and subsets per split."""
     out_dir = Path(out_dir)
@@ -329,6 +341,8 @@ def generate_report(
         raise CircotError(f"image_size must be at least 16 pixels, got {image_size}")
     if workers < 1:
         raise CircotError(f"workers must be >= 1, got {workers}")
+    if distractors < 0:
+        raise CircotError(f"distractors must be >= 0, got {distractors}")
     _prepare_out_dir(out_dir, overwrite)
     world = make_world(seed)
     sizes = {"train": n_train, "val": n_val, "test": n_test, "test-novel": n_novel}
@@ -338,12 +352,14 @@ def generate_report(
     from tqdm.auto import tqdm
 
     for split, n in tqdm(split_iter, desc="sampling", unit="split", disable=not progress):
-        plans.append(plan_split(world, split, n, seed))
+        plans.append(plan_split(world, split, n, seed, distractors))
     t_plan = time.perf_counter() - t0
     _render_all(out_dir, plans, seed, image_size, workers, progress)
     t_render = time.perf_counter() - t0 - t_plan
     for plan in plans:
-        _atomic_write_bytes(out_dir / f"{plan.split}.json", dumps(_split_json(plan, world, seed, image_size)))
+        _atomic_write_bytes(
+            out_dir / f"{plan.split}.json", dumps(_split_json(plan, world, seed, image_size, distractors))
+        )
         _atomic_write_bytes(out_dir / f"{plan.split}_gallery.txt", ("\n".join(plan.gallery) + "\n").encode())
     _atomic_write_bytes(out_dir / "README.md", dataset_card(plans, world, seed, image_size).encode("utf-8"))
     seconds = time.perf_counter() - t0

@@ -326,6 +326,22 @@ def near_misses(
     return kept
 
 
+def random_edits(rng: np.random.Generator, sampled: Sampled, rules: Rules, n: int) -> list[Scene]:
+    """``n`` distinct random single edits of the reference, never the target (gallery distractors)."""
+    out: list[Scene] = []
+    seen = {sampled.reference, sampled.target}
+    for _ in range(20 * n):
+        if len(out) >= n:
+            break
+        step = sample_step(rng, sampled.reference, _choice(rng, BASE_OPS + ("set",)), rules)
+        scene = _safe(sampled.reference, step) if step is not None else None
+        if scene is None or scene in seen or not rules.valid(scene):
+            continue
+        seen.add(scene)
+        out.append(scene)
+    return out
+
+
 def _safe(scene: Scene, step: Step) -> Scene | None:
     try:
         return apply_step(scene, step)
