@@ -342,8 +342,10 @@ class GalleryIndex:
         and id ``""``.
         """
         scores, rows = self.search_positions(queries, k)
-        table = np.asarray(self.ids + [""], dtype=object)
-        return scores, table[np.where(rows < 0, len(self.ids), rows)]
+        ids = self.ids
+        flat = np.empty(rows.size, dtype=object)
+        flat[:] = [ids[r] if r >= 0 else "" for r in rows.ravel().tolist()]
+        return scores, flat.reshape(rows.shape)
 
     def vectors(self) -> np.ndarray:
         """All stored vectors (n, d) float32 when the index can reconstruct them (flat and HNSW indexes)."""
