@@ -123,8 +123,11 @@ def ensure_world(workdir: Path, n_queries: int = DEMO_QUERIES, seed: int = DEMO_
     return root, False
 
 
-def load_demo_model(model: str | None, device: str = "cpu") -> tuple[Any, str, bool]:
-    """(model, how it was found, is_fallback). ``None`` = the shipped model, else a random tiny one."""
+def load_demo_model(
+    model: str | None, device: str = "cpu", workdir: Path | None = None
+) -> tuple[Any, str, bool]:
+    """(model, how it was found, is_fallback). ``None`` = the shipped model, else a random tiny one (saved in
+    ``workdir`` the first time, so later runs skip building its tokenizer)."""
     from circot.model import DEFAULT_MODEL, CIRCoT, default_model_path
     from circot.search import load_model
 
@@ -133,12 +136,18 @@ def load_demo_model(model: str | None, device: str = "cpu") -> tuple[Any, str, b
     if (default_model_path() / "circot_config.json").is_file():
         return load_model(None, device), DEFAULT_MODEL, False
     logger.warning(FALLBACK_WARNING)
+    name = "random tiny model (fallback)"
+    saved = workdir / f"fallback-model-{FALLBACK_COT_TOKENS}" if workdir is not None else None
+    if saved is not None and (saved / "circot_config.json").is_file():
+        try:
+            return load_model(saved, device), name, True
+        except CircotError:
+            logger.info("cached fallback model unreadable; building it again")
     # a random model never writes <emb> by itself: cap its reasoning so the demo stays quick
-    return (
-        CIRCoT.tiny(seed=0, max_cot_tokens=FALLBACK_COT_TOKENS).to(device),
-        "random tiny model (fallback)",
-        True,
-    )
+    net = CIRCoT.tiny(seed=0, max_cot_tokens=FALLBACK_COT_TOKENS).to(device)
+    if saved is not None:
+        net.save_pretrained(saved)
+    return net, name, True
 
 
 def pick_queries(queries: list, n: int) -> list:
@@ -195,7 +204,7 @@ def run_demo(
     timings["world_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    net, model_name, fallback = load_demo_model(model, device)
+    net, model_name, fallback = load_demo_model(model, device, workdir)
     timings["model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
