@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,13 +108,9 @@ def _items(images: ImageSource, ids: Sequence[str] | None = None) -> tuple[list[
 # --------------------------------------------------------------------------------------------- distribution
 def distributed_context() -> tuple[int, int]:
     """``(rank, world_size)`` of this process: torch.distributed if initialised, else RANK / WORLD_SIZE."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    dist = sys.modules.get("torch.distributed")  # a process group exists only if torch was imported
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1 or not 0 <= rank < world:
@@ -149,14 +146,10 @@ def _write_shard(path: Path, keys: Sequence[str], vectors: np.ndarray) -> None:
 
 
 def _barrier_or_wait(files: list[Path], timeout: float) -> None:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            return
-    except ImportError:  # pragma: no cover
-        pass
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return
     deadline = time.monotonic() + timeout
     while not all(f.exists() for f in files):
         if time.monotonic() > deadline:
