@@ -43,6 +43,11 @@ SWEEP = [
     {"pool": "avg+grid2", "reference_negative": True},
     {"temperature": 0.01, "reference_negative": True},
     {"temperature": 0.05, "reference_negative": True},
+    {"reference_negative": True, "dropout": 0.5},
+    {"reference_negative": True, "epochs": 30},
+    {"reference_negative": True, "epochs": 8},
+    {"reference_negative": True, "proj_dim": 512, "hidden_dim": 1024},
+    {"reference_negative": True, "weight_decay": 0.1},
 ]
 
 
@@ -85,7 +90,23 @@ def sweep(args: argparse.Namespace) -> dict:
         logging.info(
             "%s: val R@1 %.2f R@5 %.2f (%.0f s)", override or "defaults", m["R@1"], m["R@5"], seconds
         )
-        rows.append({"override": override, "val": m, "train_wall_time_s": seconds, "final_loss": history[-1]})
+        rows.append(
+            {
+                "override": override,
+                "config": cfg.to_dict(),
+                "val": m,
+                "train_wall_time_s": seconds,
+                "final_loss": history[-1],
+            }
+        )
+    if args.out.exists():  # keep the rows of earlier sweep runs that were not re-run
+        previous = json.loads(args.out.read_text())
+        earlier = previous.get("rows", [])
+        for r in earlier:  # rows written before each row carried its full config
+            r.setdefault("config", {**previous.get("defaults", {}), **r["override"]})
+        rerun = [r["override"] for r in rows]
+        rows = [r for r in earlier if r["override"] not in rerun] + rows
+    rows.sort(key=lambda r: SWEEP.index(r["override"]) if r["override"] in SWEEP else len(SWEEP))
     return {"split": "val", "defaults": LateFusionConfig().to_dict(), "rows": rows}
 
 

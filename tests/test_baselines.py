@@ -177,4 +177,4 @@ def test_evaluate_runs_in_the_shared_harness(tmp_path):
     assert 0.0 <= result.metrics["R@1"] <= 100.0 and result.metrics["R@5"] >= result.metrics["R@1"]
     assert (tmp_path / "cache" / "images-effnet-lite0-s64.npz").exists()
     latency = query_latency_ms(model, split, features, n_queries=2)
-    assert latency["total"] > 0 and set(latency) == {"image", "text", "combiner", "total"}
+    assert latency["total"] > 0 and set(latency) == {"image", "text", "combiner", "total", "cpu_total"}

@@ -42,7 +42,9 @@ class LateFusionConfig:
     hidden_dim: int = 512
     dropout: float = 0.2
     temperature: float = 0.02
-    reference_negative: bool = False  # add the batch's reference images as extra negatives
+    reference_negative: bool = (
+        True  # add the batch's reference images as extra negatives (val R@1 1.3 → 15.7)
+    )
     epochs: int = 15
     batch_size: int = 256
     lr: float = 1e-3
@@ -261,9 +263,10 @@ def train(
     features = features or FrozenFeatures(cache_dir, config.image_size, config.pool)
     split = _load(world_root, "train")
     data = split_features(split, features, config.max_train_queries, config.seed, progress)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     combiner, history = fit_combiner(data, config, progress)
     seconds = time.perf_counter() - t0
+    logger.info("combiner training: %.1f s wall, %.1f s CPU", seconds, time.process_time() - cpu0)
     logger.info(
         "combiner trained on %d queries in %.1f s; final loss %.4f", len(data.text), seconds, history[-1]
     )
@@ -298,7 +301,8 @@ def query_latency_ms(
 ) -> dict[str, float]:
     """Mean time per query at batch size 1, uncached: read + encode the reference image, encode the text, combine.
 
-    Returns ``{"total": ms, "image": ms, "text": ms, "combiner": ms}``.
+    Returns ``{"total": ms, "image": ms, "text": ms, "combiner": ms}`` (wall clock) and ``"cpu_total"``: the
+    process CPU time per query, which a machine shared with other jobs inflates far less than the wall clock.
     """
     text_encoder = features.text_encoder
     queries = split.queries[:n_queries]
@@ -306,6 +310,7 @@ def query_latency_ms(
     text_encoder.encode([queries[0].text])
     model.combiner.eval()
     timings = {"image": 0.0, "text": 0.0, "combiner": 0.0}
+    cpu0 = time.process_time()
     for q in queries:
         t0 = time.perf_counter()
         img = features.encode_image_now(split.image_path(q.reference))
@@ -318,8 +323,10 @@ def query_latency_ms(
         timings["image"] += t1 - t0
         timings["text"] += t2 - t1
         timings["combiner"] += t3 - t2
+    cpu = time.process_time() - cpu0
     out = {k: 1000 * v / len(queries) for k, v in timings.items()}
     out["total"] = sum(out.values())
+    out["cpu_total"] = 1000 * cpu / len(queries)
     return out
 
 
