@@ -209,6 +209,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                 + " |"
             )
         lines.append("")
+    lines += [
+        "Notes: row (a)'s training time is the combiner's only (its frozen features were extracted beforehand) and its",
+        "latency is the baseline's own measurement (mean ms per query at batch size 1: image read, EfficientNet-Lite0,",
+        "MiniLM, combiner). Latencies were measured on a shared 2-core machine under load: compare them within a row",
+        "group, not across runs. (c) full-mode latency includes generating the CoT (up to max_cot_tokens tokens).",
+        "",
+    ]
     lines += ["## Commands", "", "```", *report["meta"]["commands"], "```", ""]
     return "\n".join(lines)
 
@@ -226,11 +233,19 @@ def main() -> None:
     ap.add_argument(
         "--late-fusion-json", type=Path, help="row (a) from benchmarks/late_fusion.py (else trained here)"
     )
+    ap.add_argument("--late-fusion-cache", type=Path, help="frozen-feature cache of the late-fusion baseline")
     ap.add_argument("--skip-late-fusion", action="store_true")
     ap.add_argument("--max-queries", type=int, default=None, help="first N queries per split (default all)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--latency-queries", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="JSON files of earlier runs of this script whose rows to add",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results.md"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     args = ap.parse_args()
@@ -255,7 +270,9 @@ def main() -> None:
         else:
             from circot.baselines.late_fusion import train_and_evaluate
 
-            lf = train_and_evaluate(args.world, splits=args.splits, num_threads=args.threads)
+            lf = train_and_evaluate(
+                args.world, splits=args.splits, num_threads=args.threads, cache_dir=args.late_fusion_cache
+            )
         rows["a"] = {"train_wall_time_s": lf["train"]["wall_time_s"]}
         for name, r in lf["splits"].items():
             if name in splits:
@@ -295,6 +312,14 @@ def main() -> None:
 
     import sys
 
+    commands: list[str] = []
+    for path in args.merge:
+        earlier = json.loads(path.read_text())
+        for key, row in earlier["rows"].items():
+            rows.setdefault(key, row)
+        commands += earlier["meta"]["commands"]
+    commands.append("python " + " ".join(sys.argv))
+    rows = {k: rows[k] for k in ROWS if k in rows}
     report = {
         "meta": {
             "world": str(args.world),
@@ -303,7 +328,7 @@ def main() -> None:
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)",
             "threads": args.threads,
             "seconds": time.perf_counter() - t_all,
-            "commands": ["python " + " ".join(sys.argv)],
+            "commands": commands,
         },
         "splits": list(splits),
         "rows": rows,
