@@ -55,9 +55,24 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_entry_point_learns_and_writes_a_run_dir(cli, tmp_path, world):
-    path, run_dir = _config(tmp_path, world, "run")
-    code, out, err = cli("train", "--config", path, "--json")
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, world):
+    """One uninterrupted 10-step run through the command line: (exit code, stdout, stderr, run_dir, config)."""
+    from circot.cli import main
+
+    tmp = tmp_path_factory.mktemp("straight")
+    path, run_dir = _config(tmp, world, "run")
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", "--config", str(path), "--json"])
+    return code, out.getvalue(), err.getvalue(), run_dir, path
+
+
+def test_train_entry_point_learns_and_writes_a_run_dir(cli, straight_run, world):
+    code, out, err, run_dir, path = straight_run
     assert code == 0, err
     summary = json.loads(out)
     assert summary["steps"] == 10 and "R@1" in summary["val"]["fast"]
@@ -80,7 +95,7 @@ def test_train_entry_point_learns_and_writes_a_run_dir(cli, tmp_path, world):
     assert code != 0 and "already holds a run" in err
 
 
-def test_resume_continues_from_the_saved_step(cli, tmp_path, world):
+def test_resume_continues_from_the_saved_step(cli, tmp_path, world, straight_run):
     path, run_dir = _config(tmp_path, world, "sliced", stop_after=5)
     code, out, err = cli("train", "--config", path, "--json")
     assert code == 0, err
@@ -90,12 +105,9 @@ def test_resume_continues_from_the_saved_step(cli, tmp_path, world):
     assert json.loads(out)["steps"] == 10 and (run_dir / "model").exists()
     steps = [r["step"] for r in _metrics(run_dir) if "train/total" in r]
     assert steps == list(range(1, 11))  # nothing repeated, nothing skipped
-
     # the resumed run follows the same trajectory as one uninterrupted run
-    path2, straight = _config(tmp_path, world, "straight")
-    assert cli("train", "--config", path2)[0] == 0
     a = [r["train/total"] for r in _metrics(run_dir) if "train/total" in r]
-    b = [r["train/total"] for r in _metrics(straight) if "train/total" in r]
+    b = [r["train/total"] for r in _metrics(straight_run[3]) if "train/total" in r]
     assert a == pytest.approx(b, rel=1e-4)
 
 
@@ -109,3 +121,33 @@ def test_missing_annotation_is_a_clear_error(cli, tmp_path, world):
     )
     code, _, err = cli("train", "--config", path)
     assert code != 0 and "has no CoT annotation" in err and "cot.jsonl" in err
+
+
+def test_two_process_training_run(tmp_path, world):
+    """`accelerate launch` with two CPU processes (gloo): the global batch is gathered and training finishes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, run_dir = _config(tmp_path, world, "ddp")
+    accel = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu-2proc.yaml"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accel),
+        "-m",
+        "circot",
+        "train",
+        "--config",
+        str(path),
+        "--json",
+        "optim.batch_size=4",
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "model" / "circot_config.json").exists()
+    records = [r for r in _metrics(run_dir) if "train/total" in r]
+    assert [r["step"] for r in records] == list(range(1, 11))
