@@ -283,11 +283,20 @@ def test_user_errors_are_one_line(qwen2, images, tmp_path):
         CIRCoT.from_pretrained(tmp_path)
 
 
-def test_default_model_missing_is_a_clear_error():
-    if (default_model_path() / "circot_config.json").is_file():
-        pytest.skip("the shipped model exists")
+def test_default_model_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import circot.model
+
+    monkeypatch.setattr(circot.model, "default_model_path", lambda: tmp_path / "no-such-model")
     with pytest.raises(CircotError, match="shipped model"):
         CIRCoT.from_pretrained(None)
+
+
+def test_shipped_model_loads_and_embeds():
+    assert (default_model_path() / "circot_config.json").is_file()
+    model = CIRCoT.from_pretrained(None)
+    emb = model.encode_images([Image.new("RGB", (112, 112), "white")])
+    assert emb.shape == (1, model.embedding_dim)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
 
 
 def test_config_round_trip(tmp_path):
