@@ -41,6 +41,8 @@ def test_yaml_file_with_overrides_and_round_trip(tmp_path):
         (["optim.batch_size=many"], "optim.batch_size"),
         (["stages.5.lr=1"], "stages.5"),
         (["nonsense"], "key=value"),
+        (["stages.0.identity_prob=2"], "stages.0 (stage).identity_prob"),
+        (["stages.0.lambda_info=0"], "lambda_info 0 needs a full stage"),
     ],
 )
 def test_bad_overrides_are_one_line_config_errors(overrides, fragment):

@@ -111,6 +111,34 @@ def test_resume_continues_from_the_saved_step(cli, tmp_path, world, straight_run
     assert a == pytest.approx(b, rel=1e-4)
 
 
+def test_captioning_stage_trains_on_identity_rows_without_the_contrastive_loss(cli, tmp_path, world):
+    stages = [
+        {"name": "see", "mode": "full", "steps": 6, "lr": 3e-3, "lambda_info": 0.0, "identity_prob": 1.0},
+        {"name": "cot", "mode": "full", "steps": 2, "lr": 3e-3, "identity_prob": 0.5},
+    ]
+    path, run_dir = _config(tmp_path, world, "see", stages=stages)
+    code, out, err = cli("train", "--config", path, "--json")
+    assert code == 0, err
+    records = [r for r in _metrics(run_dir) if "train/total" in r]
+    see, cot = records[:6], records[6:]
+    assert all("train/info_nce" not in r for r in see)  # no gallery passes, CE only
+    assert see[-1]["train/cot_ce"] < see[0]["train/cot_ce"]
+    assert all(r["train/total"] == pytest.approx(r["train/cot_ce"]) for r in see)
+    assert len(cot) == 2 and all(r["train/info_nce"] > 0 for r in cot)
+
+
+def test_identity_row_describes_the_target(world):
+    from circot.data import load_split
+    from circot.train.data import IDENTITY_TEXT, build_examples, cots_for_split, identity_example
+
+    split = load_split("shapes", world, "train")
+    ex = build_examples(split, cots_for_split(split, None))[0]
+    row = identity_example(ex)
+    assert row.identity and row.text == IDENTITY_TEXT
+    assert row.reference == row.target == ex.target and row.reference_key == row.target_key == ex.target_key
+    assert row.cot.caption == row.cot.conclusion == ex.cot.conclusion
+
+
 def test_missing_annotation_is_a_clear_error(cli, tmp_path, world):
     ann = tmp_path / "cot.jsonl"
     ann.write_text(

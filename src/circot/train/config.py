@@ -107,7 +107,10 @@ class StageSection:
     embedding is computed after the model's own greedy CoT (regenerated every ``regenerate_every`` steps for a
     pool of ``generated_pool`` queries) while the CE still reads the gold CoT; ``generated_fraction`` of the rows
     use it. ``corrupt_prob``: chance that a row's conclusion is replaced by another query's (its CE is then
-    skipped), so the embedding learns not to trust a wrong conclusion blindly.
+    skipped), so the embedding learns not to trust a wrong conclusion blindly. ``identity_prob``: chance that a
+    row becomes the identity row of its target (the target image as the query, "keep the scene as it is", its
+    description as caption and conclusion): a perception task; 1.0 with ``lambda_info: 0`` is a pure captioning
+    stage that teaches the model to see (the gallery passes of the contrastive loss are then skipped).
     """
 
     name: str = "stage"
@@ -123,6 +126,7 @@ class StageSection:
     generated_pool: int = 2048
     regenerate_every: int = 500
     corrupt_prob: float = 0.0
+    identity_prob: float = 0.0
     freeze: list[str] = field(default_factory=list)
 
 
@@ -172,9 +176,13 @@ class TrainConfig:
                 raise ConfigError(f"{where}.mode must be one of {STAGE_MODES}, got {st.mode!r}")
             if st.cot_source not in COT_SOURCES:
                 raise ConfigError(f"{where}.cot_source must be one of {COT_SOURCES}, got {st.cot_source!r}")
+            if st.lambda_info == 0 and (st.mode != "full" or st.lambda_txt <= 0):
+                raise ConfigError(
+                    f"{where}: lambda_info 0 needs a full stage with lambda_txt > 0 (nothing to learn)"
+                )
             if st.steps < 0 or st.warmup < 0 or st.lr <= 0:
                 raise ConfigError(f"{where}: steps and warmup must be >= 0 and lr > 0")
-            for name in ("fast_fraction", "generated_fraction", "corrupt_prob"):
+            for name in ("fast_fraction", "generated_fraction", "corrupt_prob", "identity_prob"):
                 if not 0.0 <= getattr(st, name) <= 1.0:
                     raise ConfigError(f"{where}.{name} must be in [0, 1]")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1:

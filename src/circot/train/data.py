@@ -71,6 +71,25 @@ def load_image(path: str | Path, min_pixels: int | None = None, max_pixels: int 
     return image
 
 
+def identity_example(src: Example, query_id: str | None = None) -> Example:
+    """The identity row of ``src``'s target: the target image is the query, "keep the scene as it is" the
+    text, and the target's description (``src``'s conclusion) both caption and conclusion."""
+    if src.cot is None:
+        raise DataError(f"query {src.query_id!r}: an identity row needs the CoT (the target's description)")
+    desc = src.cot.conclusion
+    return Example(
+        query_id=query_id or f"identity/{src.query_id}",
+        reference=src.target,
+        text=IDENTITY_TEXT,
+        target=src.target,
+        target_key=src.target_key,
+        reference_key=src.target_key,
+        cot=CoT(caption=desc, reasoning=IDENTITY_REASONING, conclusion=desc),
+        family="identity",
+        identity=True,
+    )
+
+
 def cots_for_split(
     split: CIRSplit, annotations: dict[str, CoT] | None, annotations_path: str | Path | None = None
 ) -> list[CoT]:
@@ -178,22 +197,9 @@ def build_examples(
         base = [e for e in examples if e.cot is not None]
         if not base:
             raise DataError("data.identity_fraction needs CoT (the target's description) for the examples")
-        for j in range(n_identity):
-            src = base[rng.randrange(len(base))]
-            desc = src.cot.conclusion
-            examples.append(
-                Example(
-                    query_id=f"identity/{j}",
-                    reference=src.target,
-                    text=IDENTITY_TEXT,
-                    target=src.target,
-                    target_key=src.target_key,
-                    reference_key=src.target_key,
-                    cot=CoT(caption=desc, reasoning=IDENTITY_REASONING, conclusion=desc),
-                    family="identity",
-                    identity=True,
-                )
-            )
+        examples.extend(
+            identity_example(base[rng.randrange(len(base))], f"identity/{j}") for j in range(n_identity)
+        )
     if not examples:
         raise DataError(f"{split.dataset}/{split.split}: no usable training examples")
     return examples
@@ -292,5 +298,6 @@ __all__ = [
     "build_examples",
     "collate",
     "cots_for_split",
+    "identity_example",
     "load_image",
 ]

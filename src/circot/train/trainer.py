@@ -44,6 +44,7 @@ from circot.train.data import (
     build_examples,
     collate,
     cots_for_split,
+    identity_example,
 )
 from circot.train.losses import IGNORE_INDEX, CoTCrossEntropy, InfoNCELoss
 
@@ -372,10 +373,15 @@ class Trainer:
         self, batch: dict[str, list[Any]], stage: StageSection, rng: random.Random
     ) -> dict[str, torch.Tensor]:
         model = self.model
-        examples: list[Example] = batch["example"]
+        examples: list[Example] = list(batch["example"])
         indices: list[int] = batch["index"]
-        refs, targets = batch["reference"], batch["target"]
+        refs, targets = list(batch["reference"]), batch["target"]
         n = len(examples)
+        if stage.identity_prob:
+            for i in range(n):
+                if not examples[i].identity and rng.random() < stage.identity_prob:
+                    examples[i], refs[i] = identity_example(examples[i]), targets[i]
+        contrastive = stage.lambda_info > 0
         fast_rows = list(range(n))
         full_rows: list[int] = []
         if stage.mode == "full":
@@ -421,35 +427,38 @@ class Trainer:
                 )
             )
             order.extend(fast_rows)
-        built.append(model.build_batch(targets, mode="gallery"))
-        use_hard = self.cfg.loss.hard_negatives > 0
+        if contrastive:
+            built.append(model.build_batch(targets, mode="gallery"))
+        use_hard = contrastive and self.cfg.loss.hard_negatives > 0
         if use_hard:
             built.append(model.build_batch(refs, mode="gallery"))
         device = self.accelerator.device
         built = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in built]
         with self.accelerator.autocast():
             outs = self.forward(built)
-        n_query = len(built) - 1 - int(use_hard)
-        q_emb = torch.cat([outs[j][0] for j in range(n_query)], dim=0)
-        perm = torch.as_tensor(order, device=q_emb.device)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(len(order), device=q_emb.device)
-        q_emb = q_emb[inv]  # back to batch order
-        t_emb = outs[n_query][0]
-        keys = torch.as_tensor([e.target_key for e in examples], device=q_emb.device)
-        hard = mask = None
-        if use_hard:
-            # every reference of the batch (the "edit not applied" near miss) is a negative of every query,
-            # unless it shows the query's target scene (identity rows, or a reference equal to a target)
-            hard = outs[n_query + 1][0]
-            ref_keys = torch.as_tensor([e.reference_key for e in examples], device=q_emb.device)
-            mask = keys[:, None] != ref_keys[None, :]
-        info = self.info_nce(q_emb, t_emb, target_keys=keys, hard_negatives=hard, hard_mask=mask)
-        # every process computes the loss of the global batch but backpropagates its own rows only; DDP
-        # averages gradients over processes, so scaling by the process count gives the global gradient.
-        info_scaled = info * self.accelerator.num_processes
-        losses = {"info_nce": info}
-        total = stage.lambda_info * info_scaled
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=device)
+        if contrastive:
+            n_query = len(built) - 1 - int(use_hard)
+            q_emb = torch.cat([outs[j][0] for j in range(n_query)], dim=0)
+            perm = torch.as_tensor(order, device=q_emb.device)
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(len(order), device=q_emb.device)
+            q_emb = q_emb[inv]  # back to batch order
+            t_emb = outs[n_query][0]
+            keys = torch.as_tensor([e.target_key for e in examples], device=q_emb.device)
+            hard = mask = None
+            if use_hard:
+                # every reference of the batch (the "edit not applied" near miss) is a negative of every query,
+                # unless it shows the query's target scene (identity rows, or a reference equal to a target)
+                hard = outs[n_query + 1][0]
+                ref_keys = torch.as_tensor([e.reference_key for e in examples], device=q_emb.device)
+                mask = keys[:, None] != ref_keys[None, :]
+            info = self.info_nce(q_emb, t_emb, target_keys=keys, hard_negatives=hard, hard_mask=mask)
+            # every process computes the loss of the global batch but backpropagates its own rows only; DDP
+            # averages gradients over processes, so scaling by the process count gives the global gradient.
+            losses["info_nce"] = info
+            total = total + stage.lambda_info * info * self.accelerator.num_processes
         if full_rows and stage.lambda_txt > 0:
             logits = outs[0][1]
             ce = self.cross_entropy(logits, built[0]["labels"])
