@@ -214,6 +214,19 @@ def test_save_load_gives_identical_embeddings(model, images, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_half_precision_storage_loads_back_in_float32(model, images, tmp_path):
+    full = model.save_pretrained(tmp_path / "full")
+    half = model.save_pretrained(tmp_path / "half", storage_dtype="fp16")
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    assert json.loads((half / "circot_config.json").read_text())["compute_dtype"] == "float32"
+    loaded = CIRCoT.from_pretrained(half)
+    assert loaded.dtype == torch.float32 and model.dtype == torch.float32  # the live model is untouched
+    assert loaded.fingerprint in (half / "README.md").read_text()  # the card names the stored weights
+    np.testing.assert_allclose(loaded.encode_images(images), model.encode_images(images), atol=2e-3)
+    assert CIRCoT.from_pretrained(half, dtype="fp16").dtype == torch.float16  # an explicit dtype wins
+
+
 def test_lora_save_load_keeps_new_token_rows(qwen2, images, tmp_path):
     from circot.config import LoRASettings
 

@@ -26,6 +26,9 @@ class LoRASettings:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class CIRCoTConfig:
     """How a CIR-CoT model is built, prompted and embedded. Round-trips through JSON (:meth:`save`/:meth:`load`).
@@ -59,6 +62,9 @@ class CIRCoTConfig:
     # training
     lora: LoRASettings | None = None
     gradient_checkpointing: bool = False
+    # storage: the dtype from_pretrained computes in when it is given none (set when the weights were saved in a
+    # smaller float type than they were trained in; None: the dtype the weights are stored in)
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -71,6 +77,8 @@ class CIRCoTConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.max_cot_tokens < 1:
             raise ConfigError(f"max_cot_tokens must be >= 1, got {self.max_cot_tokens}")
+        if self.compute_dtype not in (None, *FLOAT_DTYPES):
+            raise ConfigError(f"compute_dtype must be one of {FLOAT_DTYPES}, got {self.compute_dtype!r}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ConfigError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
 

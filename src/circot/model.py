@@ -302,6 +302,8 @@ class CIRCoT(nn.Module):
 
         saved = CIRCoTConfig.load(path)
         cfg = config or saved
+        if dtype is None and saved.compute_dtype is not None:
+            dtype = _resolve_dtype(saved.compute_dtype)
         if overrides:
             cfg = cfg.replace(**overrides)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -794,22 +796,37 @@ class CIRCoT(nn.Module):
                 self.train()
 
     # ------------------------------------------------------------------ saving
-    def save_pretrained(self, directory: str | Path, results: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        results: dict[str, Any] | None = None,
+        storage_dtype: str | torch.dtype | None = None,
+    ) -> Path:
         """Write a self-describing model directory atomically.
 
         Contents: ``circot_config.json`` (with library versions), ``config.json`` + ``model.safetensors`` (full
         weights) or ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA + circot token rows), tokenizer
         and image-processor files, and a ``README.md`` model card (``results``: metrics to list in it).
+        ``storage_dtype`` (e.g. ``"fp16"``): store the floating-point weights in that type; the config then
+        records the dtype they are used in, which :meth:`from_pretrained` restores when given no dtype.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
+        store = _resolve_dtype(storage_dtype)
+        config = self.config
+        if store is not None and store != self.dtype:
+            config = config.replace(compute_dtype=str(self.dtype).removeprefix("torch."))
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             with _quiet_transformers():
                 self.model.save_pretrained(str(tmp))
             self.processor.save_pretrained(str(tmp))
-            self.config.save(tmp / CONFIG_NAME, extra={"versions": _versions()})
-            (tmp / "README.md").write_text(self.model_card(results), encoding="utf-8")
+            config.save(tmp / CONFIG_NAME, extra={"versions": _versions()})
+            stored = self
+            if config is not self.config:
+                _cast_safetensors(tmp, store)
+                stored = type(self).from_pretrained(tmp, device="cpu")  # the card describes what was stored
+            (tmp / "README.md").write_text(stored.model_card(results), encoding="utf-8")
             old = None
             if directory.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
@@ -1041,6 +1058,16 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in names:
         raise CircotError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
     return names[dtype]
+
+
+def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
+    """Rewrite every ``*.safetensors`` file of ``directory`` with its floating-point tensors cast to ``dtype``."""
+    from safetensors.torch import load_file, save_file
+
+    for file in directory.glob("*.safetensors"):
+        tensors = load_file(str(file))
+        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+        save_file(cast, str(file), metadata={"format": "pt"})
 
 
 def _load_hf_model(id_or_path: str, dtype: torch.dtype | None) -> nn.Module:

@@ -1,0 +1,76 @@
+"""Copy a trained model into the package as the shipped default, weights stored in float16.
+
+    python scripts/ship_model.py runs/shapes-tiny-cot-continue2/model
+    python scripts/ship_model.py src/circot/assets/shapes-tiny --table benchmarks/results.json \
+        --training "circot train --config configs/shapes-tiny-cot.yaml (...)"
+
+The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
+table measured on it (row c, c' and c* of benchmarks/results_table.py). Storing float16 halves the size; the
+model computes in float32 when loaded, and storing again what was loaded is lossless, so the fingerprint the
+table recorded stays the shipped model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROWS = {"c": "full", "c_fast": "fast", "c_gold": "gold CoT"}
+METRICS = ("R@1", "R@5", "mAP@5")
+COT_METRICS = {
+    "caption_f1": "caption F1",
+    "conclusion_exact": "conclusion exact match",
+    "well_formed": "well-formed CoT",
+}
+
+
+def card_results(table: dict, fingerprint: str, training: str | None) -> dict[str, str | float]:
+    """Model-card rows from a results-table JSON, only for rows measured on this very model."""
+    out: dict[str, str | float] = {}
+    if training:
+        out["training"] = training
+    for row, label in ROWS.items():
+        entry = table["rows"].get(row)
+        if entry is None:
+            continue
+        if entry.get("fingerprint") != fingerprint:
+            sys.exit(
+                f"{row}: the table was measured on model {entry.get('fingerprint')}, not on {fingerprint}"
+            )
+        for split in table["splits"]:
+            res = entry.get(split, {})
+            for m in METRICS:
+                if m in res.get("metrics", {}):
+                    out[f"shapes {split} {label} {m}"] = round(res["metrics"][m], 2)
+            for key, name in COT_METRICS.items():
+                if key in res.get("cot", {}):
+                    out[f"shapes {split} {name}"] = round(res["cot"][key], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path, help="model directory to ship")
+    ap.add_argument("--dest", type=Path, default=Path("src/circot/assets/shapes-tiny"))
+    ap.add_argument("--table", type=Path, help="results-table JSON measured on the shipped model")
+    ap.add_argument("--training", help="how the model was trained (a line for the card)")
+    args = ap.parse_args()
+
+    from circot.model import CIRCoT
+
+    model = CIRCoT.from_pretrained(args.model)
+    results = None
+    if args.table:
+        results = card_results(json.loads(args.table.read_text()), model.fingerprint, args.training)
+    elif args.training:
+        results = {"training": args.training}
+    out = model.save_pretrained(args.dest, results=results, storage_dtype="fp16")
+    stored = CIRCoT.from_pretrained(out)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    print(f"shipped {args.model} -> {out}: fingerprint {stored.fingerprint}, {size:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
