@@ -398,6 +398,7 @@ class Trainer:
                 supervised = True
                 if (
                     stage.cot_source == "generated"
+                    and not ex.identity
                     and indices[i] in self.generated
                     and rng.random() < stage.generated_fraction
                 ):
