@@ -43,10 +43,10 @@ def card_results(table: dict, fingerprint: str, training: str | None) -> dict[st
             res = entry.get(split, {})
             for m in METRICS:
                 if m in res.get("metrics", {}):
-                    out[f"shapes {split} {label} {m}"] = round(res["metrics"][m], 2)
+                    out[f"shapes {split} {label} {m}"] = res["metrics"][m]
             for key, name in COT_METRICS.items():
-                if key in res.get("cot", {}):
-                    out[f"shapes {split} {name}"] = round(res["cot"][key], 3)
+                if key in res.get("cot", {}):  # a share in the table; in % here like the retrieval metrics
+                    out[f"shapes {split} {name} (%)"] = 100 * res["cot"][key]
     return out
 
 
