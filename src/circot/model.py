@@ -497,8 +497,13 @@ class CIRCoT(nn.Module):
         texts: Sequence[str] | None = None,
         cots: Sequence[CoT | dict[str, str]] | None = None,
         mode: str = "gallery",
+        image_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tensors for :meth:`embed_batch` (on CPU; embed_batch moves them to the model's device).
+
+        ``image_features``: the vision tower's merged outputs of ``images``, already computed
+        (``(n_tokens, hidden)`` for all images in order, grids ``(n, 3)``), e.g. cached while the tower is frozen;
+        the batch then carries them instead of pixels and :meth:`embed_batch` skips the tower.
 
         ``mode="gallery"``: image + gallery instruction, answered by ``<emb>``. ``"fast"``: reference + text,
         answered by ``<emb>``. ``"full"``: reference + text, answered by the given CoT then ``<emb>``; ``labels``
@@ -512,7 +517,10 @@ class CIRCoT(nn.Module):
             raise ValueError(f"mode {mode!r} needs one text per image")
         if mode == "full" and (cots is None or len(cots) != n):
             raise ValueError("mode 'full' needs one CoT per image (generate with encode_queries instead)")
-        pixels, grids = self.images(images)
+        if image_features is not None:
+            features, grids = image_features
+        else:
+            pixels, grids = self.images(images)
         n_img = self.images.n_tokens(grids)
         prompt_ids = self._prompt_ids(mode, texts if texts is not None else [None] * n, n_img)
         if mode == "full":
@@ -522,14 +530,18 @@ class CIRCoT(nn.Module):
         else:
             seqs = [p + [self.emb_token_id] for p in prompt_ids]
             seq = self._pad(seqs, grids, label_from=[None] * n)
-        return {
+        batch = {
             "input_ids": seq.input_ids,
             "attention_mask": seq.attention_mask,
             "position_ids": seq.position_ids,
-            "pixel_values": pixels,
             "image_grid_thw": grids,
             "labels": seq.labels,  # type: ignore[dict-item]
         }
+        if image_features is not None:
+            batch["image_features"] = features
+        else:
+            batch["pixel_values"] = pixels
+        return batch
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.embed_batch(batch)
@@ -542,7 +554,10 @@ class CIRCoT(nn.Module):
         """
         dev = self.device
         b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        image_out = self._image_features(b["pixel_values"], b["image_grid_thw"])
+        if "image_features" in b:
+            image_out = _image_output(b["image_features"])
+        else:
+            image_out = self._image_features(b["pixel_values"], b["image_grid_thw"])
         hidden = self._hidden(b["input_ids"], b["attention_mask"], b["position_ids"], image_out)
         emb = self.extract_embedding(hidden, b["input_ids"], b["attention_mask"])
         logits = None
@@ -562,6 +577,16 @@ class CIRCoT(nn.Module):
     # ------------------------------------------------------------------ forward pieces
     def _image_features(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> Any:
         return self.hf.model.get_image_features(pixel_values.to(self.dtype), grids, return_dict=True)
+
+    def image_features(self, images: Sequence[ImageLike]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The vision tower's merged outputs of each image (``(tokens_i, hidden)`` tensors) and the grids.
+
+        Differentiable when called with gradients enabled; :meth:`build_batch` takes them back (concatenated)
+        as ``image_features``.
+        """
+        pixels, grids = self.images(images)
+        out = self._image_features(pixels.to(self.device), grids.to(self.device))
+        return list(torch.cat(out.pooler_output).split(self.images.n_tokens(grids))), grids
 
     def _lm(
         self, input_ids, attention_mask, position_ids, image_out=None, cache=None, use_cache=False
@@ -1035,6 +1060,13 @@ def _cut_at(generated: list[int], emb_id: int, stop_ids: Sequence[int]) -> list[
         if t in stop_ids:
             return generated[:i]
     return generated
+
+
+def _image_output(features: torch.Tensor) -> Any:
+    """Precomputed merged vision features (all images concatenated) as the vision tower's output object."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=(features,))
 
 
 def _select_images(image_out: Any, rows: list[int]) -> Any:

@@ -30,7 +30,8 @@ import yaml
 
 from circot.errors import ConfigError
 
-STAGE_MODES = ("fast", "full")
+STAGE_MODES = ("fast", "full", "perception")
+QUERY_MODES = ("fast", "full")
 COT_SOURCES = ("gold", "generated")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -43,11 +44,15 @@ class ModelSection:
     hub id. ``overrides``: fields passed to ``CIRCoT.tiny`` (vision depth, hidden size...) or, for a checkpoint,
     :class:`circot.config.CIRCoTConfig` fields (``lora``, ``gradient_checkpointing``, ``max_pixels``...).
     ``dtype``: weights' dtype when loading a checkpoint (``bfloat16`` for big backbones), None = float32.
+    ``text_attention``: the language model's attention implementation while training (``eager``, ``sdpa``;
+    None keeps the model's). On CPU, eager attention trains the tiny model faster than SDPA, whose CPU
+    flash-attention backward dominated a step (benchmarks/train_step.py); it is not saved with the model.
     """
 
     init: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
+    text_attention: str | None = None
 
 
 @dataclass
@@ -84,6 +89,8 @@ class OptimSection:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"
     min_lr_ratio: float = 0.05
+    # full-mode rows of a batch are split into this many sub-batches of similar CoT length (less padding)
+    length_groups: int = 1
 
 
 @dataclass
@@ -111,6 +118,13 @@ class StageSection:
     row becomes the identity row of its target (the target image as the query, "keep the scene as it is", its
     description as caption and conclusion): a perception task; 1.0 with ``lambda_info: 0`` is a pure captioning
     stage that teaches the model to see (the gallery passes of the contrastive loss are then skipped).
+    ``steer_prob``: chance that a full row takes another query's conclusion *and* that query's target (no CE
+    on the row): the embedding learns to follow the conclusion it reads, so that editing the reasoning steers
+    retrieval. ``mode: perception`` (shapes world only): the vision tower and a small head that is not saved
+    learn every grid cell's occupancy, colour, shape and size from the scene graphs, over the train split's
+    images (batches of ``optim.batch_size``); the language model is untouched. ``freeze``: parameter-name
+    prefixes kept fixed in this stage (``model.model.visual`` is the vision tower; while it is frozen its
+    outputs are computed once per training image and cached).
     """
 
     name: str = "stage"
@@ -127,6 +141,7 @@ class StageSection:
     regenerate_every: int = 500
     corrupt_prob: float = 0.0
     identity_prob: float = 0.0
+    steer_prob: float = 0.0
     freeze: list[str] = field(default_factory=list)
 
 
@@ -137,6 +152,8 @@ class EvalSection:
 
     every: int = 500
     max_queries: int | None = 300
+    # val images scored by the perception head (per-attribute accuracy) when the run has a perception stage
+    perception_images: int = 512
     modes: list[str] = field(default_factory=lambda: ["fast"])
     batch_size: int = 64
     final_max_queries: int | None = None
@@ -176,23 +193,35 @@ class TrainConfig:
                 raise ConfigError(f"{where}.mode must be one of {STAGE_MODES}, got {st.mode!r}")
             if st.cot_source not in COT_SOURCES:
                 raise ConfigError(f"{where}.cot_source must be one of {COT_SOURCES}, got {st.cot_source!r}")
-            if st.lambda_info == 0 and (st.mode != "full" or st.lambda_txt <= 0):
+            if st.mode != "perception" and st.lambda_info == 0 and (st.mode != "full" or st.lambda_txt <= 0):
                 raise ConfigError(
                     f"{where}: lambda_info 0 needs a full stage with lambda_txt > 0 (nothing to learn)"
                 )
             if st.steps < 0 or st.warmup < 0 or st.lr <= 0:
                 raise ConfigError(f"{where}: steps and warmup must be >= 0 and lr > 0")
-            for name in ("fast_fraction", "generated_fraction", "corrupt_prob", "identity_prob"):
+            for name in (
+                "fast_fraction",
+                "generated_fraction",
+                "corrupt_prob",
+                "identity_prob",
+                "steer_prob",
+            ):
                 if not 0.0 <= getattr(st, name) <= 1.0:
                     raise ConfigError(f"{where}.{name} must be in [0, 1]")
-        if self.optim.batch_size < 1 or self.optim.grad_accum < 1:
-            raise ConfigError("optim.batch_size and optim.grad_accum must be >= 1")
+        if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.length_groups < 1:
+            raise ConfigError("optim.batch_size, optim.grad_accum and optim.length_groups must be >= 1")
+        if self.model.text_attention not in (None, "eager", "sdpa"):
+            raise ConfigError("model.text_attention must be eager, sdpa or null")
         if self.optim.mixed_precision not in PRECISIONS:
             raise ConfigError(f"optim.mixed_precision must be one of {PRECISIONS}")
         if not 0.0 <= self.data.identity_fraction < 1.0:
             raise ConfigError("data.identity_fraction must be in [0, 1)")
+        if any(st.mode == "perception" for st in self.stages) and self.data.dataset != "shapes":
+            raise ConfigError(
+                "a perception stage needs the shapes world's scene graphs (data.dataset: shapes)"
+            )
         for mode in self.eval.modes:
-            if mode not in STAGE_MODES:
+            if mode not in QUERY_MODES:
                 raise ConfigError(f"eval.modes: unknown mode {mode!r}")
 
     @property

@@ -9,14 +9,11 @@ so that a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from PIL import Image, UnidentifiedImageError
 
 from circot.data.records import CIRSplit
 from circot.errors import DataError
@@ -47,28 +44,6 @@ class Example:
     family: str | None = None
     identity: bool = False
     extras: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-
-def load_image(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Open an image as RGB, resized (aspect kept) so that width × height lies within the pixel bounds."""
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"image {str(path)!r} cannot be read ({type(exc).__name__})") from None
-    w, h = image.size
-    area = w * h
-    scale = 1.0
-    if max_pixels is not None and area > max_pixels:
-        scale = math.sqrt(max_pixels / area)
-    elif min_pixels is not None and area < min_pixels:
-        scale = math.sqrt(min_pixels / area)
-    if scale != 1.0:
-        size = (max(1, int(w * scale)), max(1, int(h * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    return image
 
 
 def identity_example(src: Example, query_id: str | None = None) -> Example:
@@ -206,26 +181,17 @@ def build_examples(
 
 
 class ExampleDataset:
-    """Map-style dataset over examples; an item holds the loaded images (torch DataLoader compatible)."""
+    """Map-style dataset over examples (torch DataLoader compatible). Items hold the examples only: the
+    model's image preprocessor reads (and, in training, caches) the images when a batch is built."""
 
-    def __init__(
-        self, examples: Sequence[Example], min_pixels: int | None = None, max_pixels: int | None = None
-    ):
+    def __init__(self, examples: Sequence[Example]):
         self.examples = list(examples)
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        ex = self.examples[index]
-        return {
-            "index": index,
-            "example": ex,
-            "reference": load_image(ex.reference, self.min_pixels, self.max_pixels),
-            "target": load_image(ex.target, self.min_pixels, self.max_pixels),
-        }
+        return {"index": index, "example": self.examples[index]}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -299,5 +265,4 @@ __all__ = [
     "collate",
     "cots_for_split",
     "identity_example",
-    "load_image",
 ]

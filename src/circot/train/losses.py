@@ -143,5 +143,27 @@ class CoTCrossEntropy(nn.Module):
             return shift_logits.sum() * 0.0
         return F.cross_entropy(shift_logits[mask], shift_labels[mask])
 
+    def over_batches(self, parts: list[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
+        """The mean over every supervised token of several (logits, labels) sub-batches, as if they were one
+        batch (logits None: the sub-batch has no supervised token)."""
+        total, count, anchor = None, 0, None
+        for logits, labels in parts:
+            if logits is None:
+                continue
+            shift_labels = labels[:, 1:].to(logits.device)
+            mask = shift_labels != IGNORE_INDEX
+            anchor = logits
+            n = int(mask.sum())
+            if not n:
+                continue
+            part = F.cross_entropy(logits[:, :-1, :].float()[mask], shift_labels[mask], reduction="sum")
+            total = part if total is None else total + part
+            count += n
+        if total is None:
+            if anchor is None:
+                raise ValueError("no logits to compute the cross-entropy of")
+            return anchor.float().sum() * 0.0
+        return total / count
+
 
 __all__ = ["IGNORE_INDEX", "CoTCrossEntropy", "InfoNCELoss", "gather_with_grad"]

@@ -22,7 +22,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch import nn
 from circot.data import load_split
 from circot.data.records import CIRSplit
 from circot.errors import ConfigError, DataError
-from circot.prompts import CoT
+from circot.prompts import CoT, format_cot
 from circot.train.config import StageSection, TrainConfig, atomic_write_text
 from circot.train.data import (
     IDENTITY_REASONING,
@@ -54,6 +54,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 INIT_MODEL = "init-model"
 FINAL_MODEL = "model"
+TRAIN_IMAGE_CACHE = 100_000
 
 
 @dataclass
@@ -98,19 +99,25 @@ def lr_at(stages: list[StageSection], step: int, min_lr_ratio: float) -> float:
 
 
 class _Forward(nn.Module):
-    """The module accelerate wraps (DDP/FSDP/DeepSpeed): one forward embeds a list of built batches.
+    """The module accelerate wraps (DDP/FSDP/DeepSpeed): one forward embeds a list of built batches, or (a
+    perception step) runs the vision tower and the perception head over images.
 
-    It owns the CIRCoT's torch module so that the wrapped forward (and its gradient hooks) run through it.
+    It owns the CIRCoT's torch module (and the head, which is trained but never saved with the model) so that
+    the wrapped forward (and its gradient hooks) run through it.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, head: nn.Module | None = None):
         super().__init__()
         self.net = model
+        self.head = head
 
     def forward(
-        self, batches: list[dict[str, torch.Tensor]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        return [self.net.embed_batch(b) for b in batches]
+        self, batches: list[dict[str, torch.Tensor]] | None = None, perceive: list[Any] | None = None
+    ) -> Any:
+        if perceive is not None:
+            features, _ = self.net.image_features(perceive)
+            return self.head(torch.stack(features))
+        return [self.net.embed_batch(b) for b in batches or []]
 
 
 def _corpus(cfg: TrainConfig, examples: list[Example]) -> list[str]:
@@ -124,7 +131,9 @@ def _corpus(cfg: TrainConfig, examples: list[Example]) -> list[str]:
         if ex.cot is not None:
             texts.extend([ex.cot.caption, ex.cot.reasoning, ex.cot.conclusion])
     texts.extend([IDENTITY_TEXT, IDENTITY_REASONING])
-    return texts
+    # a set: the tokenizer depends on which texts occur, not on how often or in which order, so runs whose
+    # rows differ only in their mix (identity rows, say) get the same tokenizer and the same initial model
+    return sorted(set(texts))
 
 
 def build_model(cfg: TrainConfig, examples: list[Example]) -> Any:
@@ -137,7 +146,31 @@ def build_model(cfg: TrainConfig, examples: list[Example]) -> Any:
     return CIRCoT.from_pretrained(cfg.model.init, dtype=dtype, **cfg.model.overrides)
 
 
+def _length_groups(rows: list[int], lengths: list[int], groups: int) -> list[list[int]]:
+    """Split ``rows`` into ``groups`` sub-batches of similar length, each padded to its own longest row:
+    sorted by length, then cut into parts of equal row count."""
+    if not rows:
+        return []
+    ranked = [r for _, r in sorted(zip(lengths, rows, strict=True))]
+    if groups <= 1 or len(rows) < 2 * groups:
+        return [ranked]
+    size = math.ceil(len(ranked) / groups)
+    return [ranked[k : k + size] for k in range(0, len(ranked), size)]
+
+
+def _digest(module: nn.Module) -> str:
+    """A short hash of a module's weights (two runs log the same one when they share, say, a vision tower)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _resolve_precision(name: str) -> str:
+    """``auto``: bf16 on a GPU that has it, else full precision (``bf16`` on a CPU is bf16 autocast)."""
     if name != "auto":
         return name
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -194,6 +227,8 @@ def evaluate_model(
     """
     from circot.metrics import evaluate
 
+    if not modes:
+        return {"_gallery": gallery_emb}
     sub = _subset(split, max_queries)
     if gallery_emb is None:
         paths = [split.gallery.path(i) for i in split.gallery.ids]
@@ -268,7 +303,12 @@ class Trainer:
         train_split = load_split(cfg.dataset, cfg.root, cfg.train_split, **cfg.options)
         if cfg.max_train_queries is not None:
             train_split.queries = train_split.queries[: cfg.max_train_queries]
-        needs_cot = any(st.mode == "full" for st in self.cfg.stages) or cfg.identity_fraction > 0
+        # the shapes world always has its gold CoT: it also names each target's scene (duplicates share a key)
+        needs_cot = (
+            any(st.mode == "full" for st in self.cfg.stages)
+            or cfg.identity_fraction > 0
+            or cfg.dataset == "shapes"
+        )
         cots = None
         if needs_cot or cfg.annotations:
             ann = read_annotations(cfg.annotations) if cfg.annotations else None
@@ -286,6 +326,16 @@ class Trainer:
         if cfg.val_split:
             self.val_split = load_split(cfg.dataset, cfg.root, cfg.val_split, **cfg.options)
         logger.info("training examples: %d (%s/%s)", len(self.examples), cfg.dataset, cfg.train_split)
+        self.perception_train = self.perception_val = None
+        if any(st.mode == "perception" for st in self.cfg.stages):
+            from circot.train.perception import load_perception_data
+
+            self.perception_train = load_perception_data(cfg.root, cfg.train_split)
+            if cfg.val_split:
+                self.perception_val = load_perception_data(
+                    cfg.root, cfg.val_split, limit=self.cfg.eval.perception_images
+                )
+            logger.info("perception images: %d (%s)", len(self.perception_train.paths), cfg.train_split)
 
     def _setup_model(self, start_step: int) -> None:
         from circot.model import CIRCoT
@@ -299,10 +349,25 @@ class Trainer:
                 self.model.save_pretrained(init_dir)
             self.accelerator.wait_for_everyone()
         self.model.to(self.accelerator.device)
+        if self.cfg.model.text_attention:
+            self.model.hf.set_attn_implementation({"text_config": self.cfg.model.text_attention})
+        # decoded training images are kept in memory (~37 KB each at 112 px): every image is read from disk once
+        self.model.images.cache_size = max(self.model.images.cache_size, TRAIN_IMAGE_CACHE)
         self.temperature = self.cfg.loss.temperature or float(self.model.config.temperature)
         self.info_nce = InfoNCELoss(self.temperature, symmetric=self.cfg.loss.symmetric, gather=True)
         self.cross_entropy = CoTCrossEntropy()
-        self.forward = _Forward(self.model)
+        head = None
+        if self.perception_train is not None:
+            from circot.train.perception import PerceptionHead
+
+            torch.manual_seed(self.cfg.seed + 1)
+            head = PerceptionHead(self.model.embedding_dim).to(self.accelerator.device)
+        self.forward = _Forward(self.model, head)
+        # stage freezing acts only inside this set (LoRA leaves the base weights out of it)
+        self._trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        self._vision_cache: dict[str, torch.Tensor] = {}
+        self._vision_frozen = False
+        self._groups = self.cfg.optim.length_groups
         params = [p for p in self.forward.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -369,70 +434,116 @@ class Trainer:
         )
         self._log({"gen/conclusion_exact": exact}, step)
 
+    def _image_inputs(self, paths: list[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cached vision-tower outputs of ``paths`` while the tower is frozen (None: it trains, so the batch
+        carries pixels). Each image is encoded once per frozen stretch, under the training autocast."""
+        if not self._vision_frozen:
+            return None
+        missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in self._vision_cache))
+        if missing:
+            with torch.no_grad(), self.accelerator.autocast():
+                feats, _ = self.model.image_features(missing)
+            for key, f in zip(missing, feats, strict=True):
+                self._vision_cache[key] = f.detach().float()
+        feats = [self._vision_cache[str(p)] for p in paths]
+        grids = torch.tensor([self._grid(f) for f in feats])
+        return torch.cat(feats), grids
+
+    def _grid(self, features: torch.Tensor) -> list[int]:
+        side = int(round(math.sqrt(features.shape[0]))) * self.model.images.merge_size
+        return [1, side, side]
+
+    def _perception_step(self, step: int) -> dict[str, torch.Tensor]:
+        from circot.train.perception import perception_loss
+
+        paths, labels = self.perception_train.batch(step, self.cfg.optim.batch_size, self.cfg.seed)
+        with self.accelerator.autocast():
+            logits = self.forward(perceive=paths)
+        loss = perception_loss(logits, labels.to(self.accelerator.device))
+        return {"perception": loss, "total": loss}
+
     def _micro_step(
         self, batch: dict[str, list[Any]], stage: StageSection, rng: random.Random
     ) -> dict[str, torch.Tensor]:
         model = self.model
         examples: list[Example] = list(batch["example"])
         indices: list[int] = batch["index"]
-        refs, targets = list(batch["reference"]), batch["target"]
         n = len(examples)
         if stage.identity_prob:
             for i in range(n):
                 if not examples[i].identity and rng.random() < stage.identity_prob:
-                    examples[i], refs[i] = identity_example(examples[i]), targets[i]
+                    examples[i] = identity_example(examples[i])
         contrastive = stage.lambda_info > 0
         fast_rows = list(range(n))
         full_rows: list[int] = []
         if stage.mode == "full":
             fast_rows = [i for i in range(n) if rng.random() < stage.fast_fraction]
             full_rows = [i for i in range(n) if i not in set(fast_rows)]
+        cots: dict[int, CoT] = {}
+        supervised: set[int] = set()
+        for i in full_rows:
+            ex = examples[i]
+            cot, sup = ex.cot, True
+            if (
+                stage.cot_source == "generated"
+                and not ex.identity
+                and indices[i] in self.generated
+                and rng.random() < stage.generated_fraction
+            ):
+                cot, sup = self.generated[indices[i]], False
+            elif stage.steer_prob and not ex.identity and rng.random() < stage.steer_prob:
+                # another query's conclusion, and its target: retrieval must follow what the conclusion says
+                other = self.examples[rng.randrange(len(self.examples))]
+                if other.target_key != ex.target_key and other.cot is not None:
+                    cot = CoT(
+                        caption=ex.cot.caption, reasoning=ex.cot.reasoning, conclusion=other.cot.conclusion
+                    )
+                    examples[i] = replace(ex, target=other.target, target_key=other.target_key)
+                    sup = False
+            elif stage.corrupt_prob and not ex.identity and rng.random() < stage.corrupt_prob:
+                other = self.examples[rng.randrange(len(self.examples))].cot
+                cot = CoT(caption=ex.cot.caption, reasoning=ex.cot.reasoning, conclusion=other.conclusion)
+                sup = False
+            cots[i] = cot
+            if sup:
+                supervised.add(i)
+        refs = [e.reference for e in examples]
+        targets = [e.target for e in examples]
         built: list[dict[str, torch.Tensor]] = []
         order: list[int] = []
-        ce_rows: list[int] = []
-        if full_rows:
-            cots: list[CoT] = []
-            for pos, i in enumerate(full_rows):
-                ex = examples[i]
-                cot = ex.cot
-                supervised = True
-                if (
-                    stage.cot_source == "generated"
-                    and not ex.identity
-                    and indices[i] in self.generated
-                    and rng.random() < stage.generated_fraction
-                ):
-                    cot, supervised = self.generated[indices[i]], False
-                elif stage.corrupt_prob and not ex.identity and rng.random() < stage.corrupt_prob:
-                    other = self.examples[rng.randrange(len(self.examples))].cot
-                    cot, supervised = (
-                        CoT(caption=ex.cot.caption, reasoning=ex.cot.reasoning, conclusion=other.conclusion),
-                        False,
-                    )
-                cots.append(cot)
-                if supervised:
-                    ce_rows.append(pos)
+        n_full = 0
+        for rows in _length_groups(full_rows, [len(format_cot(cots[i])) for i in full_rows], self._groups):
             b = model.build_batch(
-                [refs[i] for i in full_rows], [examples[i].text for i in full_rows], cots=cots, mode="full"
+                [refs[i] for i in rows],
+                [examples[i].text for i in rows],
+                cots=[cots[i] for i in rows],
+                mode="full",
+                image_features=self._image_inputs([refs[i] for i in rows]),
             )
-            if "labels" in b and len(ce_rows) < len(full_rows):
-                keep = torch.zeros(len(full_rows), dtype=torch.bool)
-                keep[ce_rows] = True
-                b["labels"] = b["labels"].masked_fill(~keep[:, None].to(b["labels"].device), IGNORE_INDEX)
+            if "labels" in b and not supervised.issuperset(rows):
+                keep = torch.tensor([i in supervised for i in rows], dtype=torch.bool)
+                b["labels"] = b["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
             built.append(b)
-            order.extend(full_rows)
+            order.extend(rows)
+            n_full += 1
         if fast_rows:
             built.append(
                 model.build_batch(
-                    [refs[i] for i in fast_rows], [examples[i].text for i in fast_rows], mode="fast"
+                    [refs[i] for i in fast_rows],
+                    [examples[i].text for i in fast_rows],
+                    mode="fast",
+                    image_features=self._image_inputs([refs[i] for i in fast_rows]),
                 )
             )
             order.extend(fast_rows)
-        if contrastive:
-            built.append(model.build_batch(targets, mode="gallery"))
+        n_query = len(built)
         use_hard = contrastive and self.cfg.loss.hard_negatives > 0
+        if contrastive:
+            built.append(
+                model.build_batch(targets, mode="gallery", image_features=self._image_inputs(targets))
+            )
         if use_hard:
-            built.append(model.build_batch(refs, mode="gallery"))
+            built.append(model.build_batch(refs, mode="gallery", image_features=self._image_inputs(refs)))
         device = self.accelerator.device
         built = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in built]
         with self.accelerator.autocast():
@@ -440,7 +551,6 @@ class Trainer:
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device)
         if contrastive:
-            n_query = len(built) - 1 - int(use_hard)
             q_emb = torch.cat([outs[j][0] for j in range(n_query)], dim=0)
             perm = torch.as_tensor(order, device=q_emb.device)
             inv = torch.empty_like(perm)
@@ -460,9 +570,8 @@ class Trainer:
             # averages gradients over processes, so scaling by the process count gives the global gradient.
             losses["info_nce"] = info
             total = total + stage.lambda_info * info * self.accelerator.num_processes
-        if full_rows and stage.lambda_txt > 0:
-            logits = outs[0][1]
-            ce = self.cross_entropy(logits, built[0]["labels"])
+        if n_full and stage.lambda_txt > 0:
+            ce = self.cross_entropy.over_batches([(outs[j][1], built[j]["labels"]) for j in range(n_full)])
             losses["cot_ce"] = ce
             total = total + stage.lambda_txt * ce
         losses["total"] = total
@@ -483,13 +592,19 @@ class Trainer:
             self.model.eval()
             t0 = time.time()
             max_q = self.cfg.eval.final_max_queries if final else self.cfg.eval.max_queries
+            flat: dict[str, float] = {}
+            head = self.accelerator.unwrap_model(self.forward).head
+            if head is not None and self.perception_val is not None:
+                from circot.train.perception import evaluate_perception
+
+                acc = evaluate_perception(self.model, head, self.perception_val, self.cfg.eval.batch_size)
+                flat.update({f"val_perception/{k}": v for k, v in acc.items()})
+            stage = self.cfg.stages[stage_at(self.cfg.stages, max(0, step - 1))[0]]
+            modes = [] if stage.mode == "perception" and not final else list(self.cfg.eval.modes)
             with torch.no_grad():
-                res = evaluate_model(
-                    self.model, self.val_split, list(self.cfg.eval.modes), self.cfg.eval.batch_size, max_q
-                )
+                res = evaluate_model(self.model, self.val_split, modes, self.cfg.eval.batch_size, max_q)
             res.pop("_gallery", None)
             self.model.train()
-            flat: dict[str, float] = {}
             for mode, r in res.items():
                 for k in ("R@1", "R@5", "mAP@5"):
                     if k in r["metrics"]:
@@ -571,10 +686,13 @@ class Trainer:
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)
             for micro in range(accum):
-                batch = next(batches)
+                batch = next(batches)  # drawn in every stage, so that batches depend on the step alone
                 ctx = self.accelerator.no_sync(self.forward) if micro < accum - 1 else _null()
                 with ctx:
-                    losses = self._micro_step(batch, stage, rng)
+                    if stage.mode == "perception":
+                        losses = self._perception_step(step * accum + micro)
+                    else:
+                        losses = self._micro_step(batch, stage, rng)
                     self.accelerator.backward(losses["total"] / accum)
                 for k, v in losses.items():
                     running[k] = running.get(k, 0.0) + float(v.detach()) / accum
@@ -637,11 +755,16 @@ class Trainer:
         if fresh and stage_idx > 0:
             self.optimizer.optimizer.state.clear()  # fresh moments for a new objective
         for name, p in self.model.named_parameters():
-            frozen = any(name.startswith(prefix) for prefix in st.freeze)
-            if frozen and p.requires_grad:
-                p.requires_grad_(False)
-            elif not frozen and not p.requires_grad and getattr(p, "_circot_trainable", True):
-                p.requires_grad_(True)
+            if name not in self._trainable:
+                continue
+            p.requires_grad_(not any(name.startswith(prefix) for prefix in st.freeze))
+        self._vision_cache.clear()
+        self._vision_frozen = not any(p.requires_grad for p in self.model.hf.model.visual.parameters())
+        if self._vision_frozen:
+            logger.info(
+                "vision tower frozen (weights %s): its outputs are cached per training image",
+                _digest(self.model.hf.model.visual),
+            )
 
     def _save_final(self, final: dict[str, Any], wall: float, steps: int) -> Path | None:
         model_dir = self.run_dir / FINAL_MODEL
