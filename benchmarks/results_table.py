@@ -68,6 +68,21 @@ def _train_time(run: Path | None, explicit: float | None) -> float | None:
     return None
 
 
+def perception_probe(run: Path | None) -> dict[str, float] | None:
+    """The last per-attribute val accuracy of the run's perception head (its vision tower is frozen after
+    the perception stage, so this is the shipped tower's)."""
+    path = run / "metrics.jsonl" if run is not None else None
+    if path is None or not path.exists():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if any(k.startswith("val_perception/") for k in rec):
+            last = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("val_perception/")}
+            last["step"] = rec["step"]
+    return last
+
+
 def query_latency_ms(model: Any, split: CIRSplit, mode: str, n: int, cots: list | None = None) -> float:
     """Median wall time of one query at batch size 1 (reference image read + CoT generation if full + embed)."""
     qs = split.queries[:n]
@@ -86,6 +101,74 @@ def query_latency_ms(model: Any, split: CIRSplit, mode: str, n: int, cots: list 
         )
         times.append(1000 * (time.perf_counter() - t0))
     return float(statistics.median(times))
+
+
+def top1_hits(
+    split: CIRSplit, scores: np.ndarray, targets: list[tuple[str, ...]] | None = None
+) -> np.ndarray:
+    """Whether each query's best-scoring gallery image is one of its ground truths (``targets``: other
+    ground truths per query, e.g. those of the query whose conclusion it was given)."""
+    ids = split.gallery.ids
+    best = np.asarray(scores).argmax(axis=1)
+    gts = targets if targets is not None else [q.targets for q in split.queries]
+    return np.array([ids[b] in set(t) for b, t in zip(best, gts, strict=True)])
+
+
+def steering_partners(split: CIRSplit) -> list[int]:
+    """For each query, another query of the split whose gold conclusion (target scene) differs: the next one
+    in a fixed shuffled order."""
+    from circot.data import shapes
+
+    n = len(split.queries)
+    order = np.random.default_rng(0).permutation(n)
+    conclusions = [shapes.gold_cot(q).conclusion for q in split.queries]
+    partner = [0] * n
+    for k, i in enumerate(order):
+        for step in range(1, n):
+            j = int(order[(k + step) % n])
+            if conclusions[j] != conclusions[i]:
+                partner[int(i)] = j
+                break
+    return partner
+
+
+def faithfulness(
+    model: Any, split: CIRSplit, gallery: np.ndarray, cots: list, hits: np.ndarray, batch_size: int
+) -> dict[str, Any]:
+    """Does retrieval follow the reasoning?
+
+    - P(R@1 hit | conclusion exactly right) and P(R@1 hit | conclusion wrong), over the model's own CoT;
+    - steering: query i gets its own gold caption and reasoning but the gold conclusion of another query j
+      (another target scene, same gallery); the share of queries whose top-1 image is j's target.
+    """
+    from circot.data import shapes
+    from circot.prompts import CoT
+
+    gold = [shapes.gold_cot(q) for q in split.queries]
+    exact = np.array(
+        [
+            shapes.score_cot([c or CoT()], [g])["conclusion_exact"] == 1.0
+            for c, g in zip(cots, gold, strict=True)
+        ]
+    )
+    out: dict[str, Any] = {
+        "n_conclusion_right": int(exact.sum()),
+        "n_conclusion_wrong": int((~exact).sum()),
+        "p_hit_if_conclusion_right": 100.0 * float(hits[exact].mean()) if exact.any() else None,
+        "p_hit_if_conclusion_wrong": 100.0 * float(hits[~exact].mean()) if (~exact).any() else None,
+    }
+    partner = steering_partners(split)
+    steered = [CoT(caption=g.caption, reasoning=g.reasoning, conclusion=gold[j].conclusion)
+               for g, j in zip(gold, partner, strict=True)]  # fmt: skip
+    refs = [split.image_path(q.reference) for q in split.queries]
+    texts = [q.text for q in split.queries]
+    emb = model.encode_queries(refs, texts, mode="full", batch_size=batch_size, cots=steered)
+    scores = np.asarray(emb, dtype=np.float32) @ gallery.T
+    to_partner = top1_hits(split, scores, [split.queries[j].targets for j in partner])
+    to_own = top1_hits(split, scores)
+    out["steering_R@1"] = 100.0 * float(to_partner.mean())
+    out["steering_own_target_R@1"] = 100.0 * float(to_own.mean())
+    return out
 
 
 def evaluate_mllm(
@@ -133,6 +216,10 @@ def evaluate_mllm(
         scores = np.asarray(emb, dtype=np.float32) @ gallery.T
         result = evaluate(split, scores)
         res["metrics"] = result.metrics
+        if row == "c":
+            res["faithfulness"] = faithfulness(
+                model, split, gallery, cots, top1_hits(split, scores), batch_size
+            )
         res["n_queries"] = result.n_queries
         res["eval_seconds"] = time.perf_counter() - t0
         if latency_n:
@@ -158,6 +245,7 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# Results on the shapes world", ""]
+    rows = report["rows"]
     meta = report["meta"]
     lines += [
         f"World: `{meta['world']}` (generator {meta.get('generator_version')}, seed {meta.get('seed')}); "
@@ -170,8 +258,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows = report["rows"]
         lines += [f"## {split}", ""]
         lines += [
-            "| row | R@1 | R@5 | mAP@5 | caption F1 | conclusion EM | training wall time | query latency (ms) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| row | R@1 | R@5 | mAP@5 | caption EM | caption F1 | conclusion EM | training wall time | "
+            "query latency (ms) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for key, label in ROWS.items():
             r = rows.get(key, {}).get(split)
@@ -182,6 +271,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             train_s = rows[key].get("train_wall_time_s")
             lines.append(
                 f"| {label} | {_fmt(m.get('R@1'))} | {_fmt(m.get('R@5'))} | {_fmt(m.get('mAP@5'))} | "
+                f"{_fmt(100 * cot['caption_exact']) if cot and 'caption_exact' in cot else '—'} | "
                 f"{_fmt(100 * cot['caption_f1']) if cot else '—'} | {_fmt(100 * cot['conclusion_exact']) if cot else '—'} | "
                 f"{_fmt(train_s / 60 if train_s else None)} min | {_fmt(r.get('query_latency_ms'))} |"
             )
@@ -200,6 +290,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         c = rows.get("c", {}).get(split)
+        if c and c.get("faithfulness"):
+            f = c["faithfulness"]
+            lines += [
+                "",
+                f"Faithfulness of (c) ({split}): P(R@1 hit | conclusion exactly right) = "
+                f"{_fmt(f['p_hit_if_conclusion_right'])} % (n = {f['n_conclusion_right']}); P(R@1 hit | conclusion "
+                f"wrong) = {_fmt(f['p_hit_if_conclusion_wrong'])} % (n = {f['n_conclusion_wrong']}); steering (own "
+                f"gold caption and reasoning, another query's gold conclusion): that query's target first for "
+                f"{_fmt(f['steering_R@1'])} %, the query's own target first for {_fmt(f['steering_own_target_R@1'])} %.",
+                "",
+            ]
         if c and c.get("conclusion_exact_per_family"):
             em = c["conclusion_exact_per_family"]
             lines.append(
@@ -207,6 +308,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                 + " | ".join(_fmt(100 * em[f]) if f in em else "—" for f in fams)
                 + (" | " + " | ".join("" for _ in subsets) if subsets else "")
                 + " |"
+            )
+        lines.append("")
+    probes = [(ROWS[k], rows[k]["perception"]) for k in ("b", "c") if rows.get(k, {}).get("perception")]
+    if probes:
+        lines += ["## Perception probe (val images, per grid cell, %)", ""]
+        lines += [
+            "| model | occupancy | colour | shape | size | every cell right | at step |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, pr in probes:
+            lines.append(
+                f"| {label} | {_fmt(pr.get('occupancy'), 2)} | {_fmt(pr.get('color'), 2)} | {_fmt(pr.get('shape'), 2)} | "
+                f"{_fmt(pr.get('size'), 2)} | {_fmt(pr.get('scene'), 2)} | {pr.get('step')} |"
             )
         lines.append("")
     lines += [
@@ -290,6 +404,7 @@ def main() -> None:
             "model": str(nocot_dir),
             "fingerprint": model.fingerprint,
             "train_wall_time_s": _train_time(args.nocot_run, args.nocot_train_time),
+            "perception": perception_probe(args.nocot_run),
         }
         for name, s in splits.items():
             rows["b"][name] = evaluate_mllm(model, s, ["b"], args.batch_size, args.latency_queries)["b"]
@@ -304,6 +419,7 @@ def main() -> None:
                 "model": str(cot_dir),
                 "fingerprint": model.fingerprint,
                 "train_wall_time_s": train_s,
+                "perception": perception_probe(args.cot_run),
             }
         for name, s in splits.items():
             res = evaluate_mllm(model, s, ["c", "c_fast", "c_gold"], args.batch_size, args.latency_queries)

@@ -55,6 +55,7 @@ def score_cot(
 ) -> dict[str, float]:
     """Compare generated chains of thought with the gold ones, pair by pair; means over pairs, in [0, 1].
 
+    - caption_exact: the caption holds exactly the gold clauses (as conclusion_exact below).
     - caption_precision / _recall / _f1: object level — each clause (one object: size, colour, shape,
       position) of the generated caption counts when it equals a gold clause after normalisation.
     - conclusion_exact: the conclusion holds exactly the gold clauses (order, case, spacing, final punctuation
@@ -64,8 +65,8 @@ def score_cot(
     """
     if len(generated) != len(gold):
         raise DataError(f"score_cot: {len(generated)} generated CoTs for {len(gold)} gold CoTs")
-    keys = ("caption_precision", "caption_recall", "caption_f1", "conclusion_exact", "conclusion_precision",
-            "conclusion_recall", "conclusion_f1", "well_formed")  # fmt: skip
+    keys = ("caption_exact", "caption_precision", "caption_recall", "caption_f1", "conclusion_exact",
+            "conclusion_precision", "conclusion_recall", "conclusion_f1", "well_formed")  # fmt: skip
     if not generated:
         return {k: 0.0 for k in keys}
     sums = dict.fromkeys(keys, 0.0)
@@ -75,6 +76,9 @@ def score_cot(
         sums["caption_precision"] += p
         sums["caption_recall"] += r
         sums["caption_f1"] += f
+        sums["caption_exact"] += float(
+            canonical_description(gen.caption) == canonical_description(ref.caption)
+        )
         p, r, f = _prf(split_clauses(gen.conclusion), split_clauses(ref.conclusion))
         sums["conclusion_precision"] += p
         sums["conclusion_recall"] += r

@@ -1,0 +1,304 @@
+"""The perception stage, the frozen-vision feature cache, steered rows and length groups."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from circot.errors import ConfigError, DataError
+from circot.train.config import TrainConfig
+from circot.train.losses import IGNORE_INDEX, CoTCrossEntropy
+from circot.train.perception import (
+    PerceptionHead,
+    load_perception_data,
+    perception_accuracy,
+    perception_loss,
+    scene_labels,
+)
+from circot.train.trainer import Trainer, _length_groups
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "vision_depth": 1,
+    "vision_embed_dim": 64,
+    "max_cot_tokens": 8,
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from circot.data import shapes
+
+    torch.set_num_threads(1)
+    return shapes.generate(
+        tmp_path_factory.mktemp("shapes"), seed=5, n_train=16, n_val=6, n_test=0, n_novel=0
+    )
+
+
+def _cfg(tmp_path, world, stages, **extra) -> TrainConfig:
+    return TrainConfig.from_dict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "seed": 1,
+            "num_threads": 1,
+            "model": {"init": "tiny", "overrides": TINY},
+            "data": {"dataset": "shapes", "root": str(world)},
+            "optim": {"batch_size": 8},
+            "stages": stages,
+            "eval": {
+                "every": 0,
+                "max_queries": 4,
+                "modes": ["fast"],
+                "batch_size": 8,
+                "perception_images": 8,
+            },
+            "log_every": 1,
+            "save_every": 0,
+            **extra,
+        }
+    )
+
+
+def _trainer(cfg: TrainConfig, stage: int = 0) -> Trainer:
+    tr = Trainer(cfg)
+    tr._load_data()
+    tr._setup_model(0)
+    tr._enter_stage(stage, fresh=True)
+    tr.model.train()
+    return tr
+
+
+FROZEN = ["model.model.visual"]
+
+
+# ----------------------------------------------------------------------------------------------- labels and head
+def test_scene_labels_mark_every_cell():
+    scene = {"objects": [{"row": 0, "col": 2, "color": "blue", "shape": "star", "size": "small"}]}
+    labels = scene_labels(scene)
+    assert labels.shape == (9, 4)
+    assert labels[2].tolist() == [1, 4, 3, 0]  # occupied, blue, star, small
+    assert labels[0].tolist() == [0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert int(labels[:, 0].sum()) == 1
+
+
+@pytest.mark.parametrize(
+    "scene", [None, {"objects": 3}, {"objects": [{"row": 0, "col": 0, "color": "pink", "shape": "star"}]}]
+)
+def test_bad_scene_graph_is_a_data_error_naming_it(scene):
+    with pytest.raises(DataError, match="images\\['x'\\]"):
+        scene_labels(scene, where="images['x']")
+
+
+def test_accuracy_counts_only_the_cells_that_have_the_attribute():
+    labels = scene_labels(
+        {"objects": [{"row": 1, "col": 1, "color": "red", "shape": "cross", "size": "large"}]}
+    )
+    labels = labels[None]
+    head = PerceptionHead(16)
+    logits = {k: torch.full_like(v, -10.0) for k, v in head(torch.randn(1, 4, 16)).items()}
+    for j, name in enumerate(("occupancy", "color", "shape", "size")):
+        gold = labels[0, :, j].clamp(min=0)
+        logits[name][0, torch.arange(9), gold] = 10.0
+    acc = perception_accuracy(logits, labels)
+    assert acc == {"occupancy": 100.0, "color": 100.0, "shape": 100.0, "size": 100.0, "scene": 100.0}
+    logits["shape"][0, 4] = 0.0
+    logits["shape"][0, 4, 0] = 10.0  # circle instead of cross at the one occupied cell
+    acc = perception_accuracy(logits, labels)
+    assert acc["shape"] == 0.0 and acc["scene"] == 0.0 and acc["color"] == 100.0
+    assert float(perception_loss(logits, labels)) > 0
+
+
+def test_perception_data_is_a_function_of_seed_and_step(world):
+    data = load_perception_data(world, "train")
+    assert len(data.paths) == data.labels.shape[0] > 16
+    a, la = data.batch(3, 8, seed=1)
+    b, lb = data.batch(3, 8, seed=1)
+    c, _ = data.batch(4, 8, seed=1)
+    assert a == b and torch.equal(la, lb) and a != c
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+def test_perception_stage_trains_the_vision_tower_only(tmp_path, world):
+    cfg = _cfg(tmp_path, world, [{"name": "see", "mode": "perception", "steps": 3, "lr": 3e-3}])
+    tr = _trainer(cfg)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    head_before = {k: v.clone() for k, v in tr.forward.head.state_dict().items()}
+    for step in range(3):
+        losses = tr._perception_step(step)
+        tr.accelerator.backward(losses["total"])
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+    after = tr.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".visual." in k for k in changed)
+    assert any(not torch.equal(v, tr.forward.head.state_dict()[k]) for k, v in head_before.items())
+
+
+def test_perception_run_logs_val_accuracy_and_saves_no_head(tmp_path, world):
+    from safetensors import safe_open
+
+    from circot.train.trainer import train
+
+    cfg = _cfg(
+        tmp_path,
+        world,
+        [
+            {"name": "see", "mode": "perception", "steps": 2, "lr": 3e-3},
+            {"name": "align", "mode": "fast", "steps": 2, "lr": 3e-3, "freeze": FROZEN},
+        ],
+        eval={"every": 2, "max_queries": 4, "modes": ["fast"], "batch_size": 8, "perception_images": 8},
+    )
+    result = train(cfg)
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    probe = [r for r in records if "val_perception/shape" in r]
+    assert probe and {"occupancy", "color", "shape", "size", "scene"} <= {
+        k.split("/")[1] for k in probe[0] if k.startswith("val_perception/")
+    }
+    assert any("train/perception" in r for r in records)
+    with safe_open(str(result.model_dir / "model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert any(k.startswith("visual.") for k in keys)
+    assert not any("head" in k and "lm_head" not in k for k in keys)  # the perception head is not shipped
+
+
+def test_perception_stage_needs_the_shapes_world():
+    with pytest.raises(ConfigError, match="perception"):
+        TrainConfig.from_dict(
+            {"data": {"dataset": "cirr"}, "stages": [{"name": "see", "mode": "perception", "steps": 1}]}
+        )
+
+
+def test_text_attention_is_checked():
+    with pytest.raises(ConfigError, match="text_attention"):
+        TrainConfig.from_dict({"model": {"text_attention": "flash"}})
+
+
+# ----------------------------------------------------------------------------------------------- frozen vision
+def test_cached_features_embed_like_pixels(tmp_path, world):
+    from circot.model import CIRCoT
+
+    model = CIRCoT.tiny(seed=0, **TINY).eval()
+    paths = sorted((world / "images" / "train").glob("*.png"))[:3]
+    with torch.no_grad():
+        plain, _ = model.embed_batch(model.build_batch(paths, mode="gallery"))
+        feats, grids = model.image_features(paths)
+        cached, _ = model.embed_batch(
+            model.build_batch(paths, mode="gallery", image_features=(torch.cat(feats), grids))
+        )
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_stage_caches_vision_and_gives_it_no_gradient(tmp_path, world):
+    stages = [
+        {"name": "cot", "mode": "full", "steps": 4, "lr": 3e-3, "fast_fraction": 0.25, "freeze": FROZEN}
+    ]
+    tr = _trainer(_cfg(tmp_path, world, stages, loss={"hard_negatives": 1}))
+    assert tr._vision_frozen
+    batch = {"index": list(range(8)), "example": tr.examples[:8]}
+    losses = tr._micro_step(batch, tr.cfg.stages[0], random.Random(0))
+    tr.accelerator.backward(losses["total"])
+    visual = dict(tr.model.hf.model.visual.named_parameters())
+    assert all(p.grad is None for p in visual.values())
+    assert any(p.grad is not None for n, p in tr.model.named_parameters() if ".visual." not in n)
+    images = {str(e.reference) for e in tr.examples[:8]} | {str(e.target) for e in tr.examples[:8]}
+    assert images <= set(tr._vision_cache)
+
+
+def test_stage_freezing_never_unfreezes_what_was_frozen_before_training(tmp_path, world):
+    """A parameter outside the trainable set (a LoRA base weight, say) stays frozen in every stage."""
+    stages = [
+        {"name": "a", "mode": "fast", "steps": 1, "lr": 1e-3, "freeze": FROZEN},
+        {"name": "b", "mode": "fast", "steps": 1, "lr": 1e-3},
+    ]
+    tr = Trainer(_cfg(tmp_path, world, stages))
+    tr._load_data()
+    import circot.train.trainer as trainer_mod
+
+    real = trainer_mod.build_model
+
+    def partly_frozen(cfg, examples):
+        model = real(cfg, examples)
+        model.hf.lm_head.weight.requires_grad_(False)
+        return model
+
+    trainer_mod.build_model = partly_frozen
+    try:
+        tr._setup_model(0)
+    finally:
+        trainer_mod.build_model = real
+    for i in range(2):
+        tr._enter_stage(i, fresh=True)
+        assert not tr.model.hf.lm_head.weight.requires_grad
+    assert all(p.requires_grad for p in tr.model.hf.model.visual.parameters())  # unfrozen again by stage b
+
+
+# ----------------------------------------------------------------------------------------------- steered rows
+def test_steered_rows_take_another_conclusion_and_its_target(tmp_path, world):
+    stages = [{"name": "cot", "mode": "full", "steps": 4, "lr": 3e-3, "steer_prob": 1.0, "freeze": FROZEN}]
+    tr = _trainer(_cfg(tmp_path, world, stages))
+    calls = []
+    real = tr.model.build_batch
+
+    def spy(images, texts=None, cots=None, mode="gallery", image_features=None):
+        calls.append((mode, list(images), list(cots) if cots else None))
+        return real(images, texts, cots=cots, mode=mode, image_features=image_features)
+
+    tr.model.build_batch = spy
+    examples = [e for e in tr.examples if not e.identity][:8]
+    tr._micro_step({"index": list(range(8)), "example": examples}, tr.cfg.stages[0], random.Random(3))
+    full = [c for c in calls if c[0] == "full"]
+    gallery = next(c for c in calls if c[0] == "gallery")
+    by_ref: dict[str, list] = {}
+    for _, images, cots in full:
+        for image, cot in zip(images, cots, strict=True):
+            by_ref.setdefault(str(image), []).append(cot)
+    steered = 0
+    conclusion_to_target = {e.cot.conclusion: e.target_key for e in tr.examples}
+    for i, ex in enumerate(examples):
+        cot = by_ref[str(ex.reference)].pop(0)
+        assert cot.caption == ex.cot.caption and cot.reasoning == ex.cot.reasoning
+        if cot.conclusion != ex.cot.conclusion:
+            steered += 1
+            # the gallery target of this row shows the scene that the new conclusion describes
+            target = gallery[1][i]
+            key = next(e.target_key for e in tr.examples if e.target == target)
+            assert key == conclusion_to_target[cot.conclusion]
+    assert steered >= 6
+
+
+# ----------------------------------------------------------------------------------------------- length groups
+def test_length_groups_cover_every_row_once_sorted_by_length():
+    rows = list(range(10))
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 0]
+    groups = _length_groups(rows, lengths, 2)
+    assert sorted(r for g in groups for r in g) == rows
+    assert len(groups) == 2 and max(lengths[r] for r in groups[0]) <= min(lengths[r] for r in groups[1])
+    assert _length_groups(rows, lengths, 1) == [sorted(rows, key=lambda r: lengths[r])]
+    assert _length_groups([], [], 3) == []
+
+
+def test_cross_entropy_over_sub_batches_equals_one_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 11)
+    labels = torch.randint(0, 11, (5, 7))
+    labels[:, :3] = IGNORE_INDEX
+    labels[2] = IGNORE_INDEX  # a row with no supervised token
+    ce = CoTCrossEntropy()
+    whole = ce(logits, labels)
+    parts = ce.over_batches([(logits[:2], labels[:2]), (logits[2:3], labels[2:3]), (logits[3:], labels[3:])])
+    torch.testing.assert_close(parts, whole)
+
+
+def test_config_with_a_perception_stage_round_trips(tmp_path):
+    cfg = TrainConfig.from_dict(
+        {"stages": [{"name": "see", "mode": "perception", "steps": 5}, {"name": "x", "steer_prob": 0.5}]}
+    )
+    path = cfg.save(tmp_path / "c.yaml")
+    again = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+    assert again.stages[0].mode == "perception" and again.stages[1].steer_prob == 0.5
