@@ -70,19 +70,23 @@ def images(tmp_path_factory) -> list:
 
 
 def _script(model: CIRCoT, text: str, monkeypatch) -> None:
-    """Make generation write ``text`` token by token (then junk), whatever the weights say."""
+    """Make generation write ``text`` token by token (then junk), whatever the weights say; the real decoding
+    loop runs around the scripted choices."""
     junk = model.tokenizer(" circle", add_special_tokens=False)["input_ids"]
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"] + junk * 50
+    real_decode = model._decode_steps
+    step = [0]
 
-    def decode(seq, image_out, max_new):
-        done = torch.zeros(seq.input_ids.shape[0], dtype=torch.bool)
-        for step in range(max_new):
-            tok = torch.where(done, model.pad_token_id, torch.full_like(done, ids[step], dtype=torch.long))
-            yield tok
-            done |= torch.isin(tok, torch.tensor([model.emb_token_id, *model.stop_token_ids]))
-            if bool(done.all()):
-                return
+    def next_token(logits):
+        tok = torch.full(logits.shape[:1], ids[step[0]], dtype=torch.long, device=logits.device)
+        step[0] += 1
+        return tok
 
+    def decode(*args, **kwargs):
+        step[0] = 0
+        yield from real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_next_token", next_token)
     monkeypatch.setattr(model, "_decode_steps", decode)
     monkeypatch.setattr(model.config, "max_cot_tokens", len(ids))
 
@@ -351,3 +355,46 @@ def test_encoding_in_train_mode_is_deterministic_and_keeps_the_mode(qwen2, image
         assert qwen2.training and qwen2.hf.training
     finally:
         qwen2.eval()
+
+
+def _decode_then_pool(model: CIRCoT, images, texts) -> np.ndarray:
+    """The reference for full mode: generate, close the answer with <emb>, then one forward over it all."""
+    with model._inference():
+        pixels, grids = model.images(images)
+        image_out = model._image_features(pixels, grids)
+        prompt_ids = model._prompt_ids("full", texts, model.images.n_tokens(grids))
+        steps = list(
+            model._decode_steps(model._pad(prompt_ids, grids), image_out, model.config.max_cot_tokens)
+        )
+        generated = torch.stack(steps, dim=1).tolist()
+        seqs = [
+            p + prompts.close_with_emb(g, model.emb_token_id, model.stop_token_ids)
+            for p, g in zip(prompt_ids, generated, strict=True)
+        ]
+        return model._pool(model._pad(seqs, grids), image_out).numpy()
+
+
+@pytest.mark.parametrize("rule", ["at_emb", "before_emb"])
+@pytest.mark.parametrize("lean", [True, False])
+def test_full_mode_takes_emb_from_the_decoding_loop_like_a_second_forward(model, images, rule, lean):
+    """Rows that write <emb>, stop, or run out of tokens, batched with left padding and one by one."""
+    model.config.extraction, model.lean_decoding = rule, lean
+    try:
+        want = _decode_then_pool(model, images, TEXTS)
+        batched = model.encode_queries(images, TEXTS, mode="full", batch_size=4)
+        single = np.concatenate(
+            [model.encode_queries([im], [t], mode="full") for im, t in zip(images, TEXTS, strict=True)]
+        )
+    finally:
+        model.config.extraction, model.lean_decoding = "at_emb", True
+    np.testing.assert_allclose(batched, want, atol=1e-5)
+    np.testing.assert_allclose(single, want, atol=1e-4)
+
+
+def test_shipped_model_full_mode_closing_state_matches_a_second_forward(images):
+    """The shipped model writes <emb> itself at different steps per row."""
+    model = CIRCoT.from_pretrained(None)
+    want = _decode_then_pool(model, images, TEXTS)
+    emb, cots = model.encode_queries(images, TEXTS, mode="full", batch_size=4, return_reasoning=True)
+    assert any(c.well_formed for c in cots)
+    np.testing.assert_allclose(emb, want, atol=1e-4)

@@ -9,8 +9,10 @@ Inference API (sentence-transformers style)::
 Training API: :meth:`CIRCoT.build_batch` turns images/texts/CoTs into tensors (labels on the CoT answer);
 :meth:`CIRCoT.embed_batch` (also ``forward``) returns differentiable embeddings and logits.
 
-Every embedding — gallery, fast, full, training, generated or given CoT — goes through one function,
-:meth:`CIRCoT.extract_embedding`, which applies the ``<emb>`` rule of :func:`circot.prompts.locate_emb`.
+Every embedding — gallery, fast, full, training, generated or given CoT — is the last-layer state at the
+``<emb>`` rule's position (:func:`circot.prompts.locate_emb`, applied by :meth:`CIRCoT.extract_embedding`);
+in full mode the decoding loop feeds the closing ``<emb>`` itself and keeps that state, so a generated CoT
+costs one decode and no second forward. Both end in ``CIRCoT._finish_embedding``.
 """
 
 from __future__ import annotations
@@ -571,8 +573,12 @@ class CIRCoT(nn.Module):
     ) -> torch.Tensor:
         """THE embedding rule: last-layer hidden state at (or just before) each row's last ``<emb>``."""
         pos = prompts.locate_emb(input_ids, attention_mask, self.emb_token_id, self.config.extraction)
-        emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-        return F.normalize(emb.float(), dim=-1) if self.config.normalize else emb.float()
+        return self._finish_embedding(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos])
+
+    def _finish_embedding(self, states: torch.Tensor) -> torch.Tensor:
+        """(b, hidden) states at the ``<emb>`` rule's position → float32 embeddings, L2-normalised if the
+        config says so. The decoding loop's closing states go through here too."""
+        return F.normalize(states.float(), dim=-1) if self.config.normalize else states.float()
 
     # ------------------------------------------------------------------ forward pieces
     def _image_features(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> Any:
@@ -615,12 +621,20 @@ class CIRCoT(nn.Module):
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         return torch.multinomial(probs, 1).squeeze(-1)
 
-    def _decode_steps(self, seq: _Seqs, image_out: Any, max_new: int) -> Iterator[torch.Tensor]:
+    def _decode_steps(
+        self, seq: _Seqs, image_out: Any, max_new: int, embed: dict[str, torch.Tensor] | None = None
+    ) -> Iterator[torch.Tensor]:
         """Greedy (or sampled) decoding with the KV cache; yields the (b,) next tokens until all rows stop.
 
         The prompt is prefilled by the transformers model; the one-token steps run through
         :class:`_LeanDecoder` (same modules and weights, without transformers' per-call machinery) when the
         text decoder allows it, else through the transformers forward.
+
+        ``embed``: a dict that receives ``"hidden"`` (b, hidden), each row's last-layer state at its closing
+        ``<emb>`` (or just before it, by the extraction rule) — the state a forward over prompt + answer would
+        give there, with the answer closed as :func:`circot.prompts.close_with_emb` closes it: a row that stops
+        gets ``<emb>`` fed in place of its stop token, and a row that runs out of tokens gets it fed after its
+        last one. So full mode needs no second forward.
         """
         dev = self.device
         ids, mask, pos = seq.input_ids.to(dev), seq.attention_mask.to(dev), seq.position_ids.to(dev)
@@ -630,18 +644,33 @@ class CIRCoT(nn.Module):
         stops = torch.tensor((self.emb_token_id, *self.stop_token_ids), device=dev)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
         ones = torch.ones((ids.shape[0], 1), dtype=mask.dtype, device=dev)
+        closing = embed is not None
+        before = closing and self.config.extraction == "before_emb"
+        state = torch.zeros_like(hidden) if closing else None
         lean = (
-            _LeanDecoder(self.hf, cache, mask, max_new, self._fused_weights())
+            _LeanDecoder(self.hf, cache, mask, max_new + int(closing), self._fused_weights())
             if self.lean_decoding and _LeanDecoder.supports(self.hf)
             else None
         )
-        for step in range(max_new):
-            token = self._next_token(self.hf.lm_head(hidden))
-            token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
-            yield token
-            done = done | torch.isin(token, stops)
-            if bool(done.all()) or step == max_new - 1:
-                return
+        for step in range(max_new + int(closing)):
+            if step < max_new:
+                token = self._next_token(self.hf.lm_head(hidden))
+                token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
+                yield token
+                finishing = ~done & torch.isin(token, stops)
+            else:  # out of tokens: close with <emb>
+                token = torch.full_like(token, self.pad_token_id)
+                finishing = ~done
+            done = done | finishing
+            if not closing:
+                if bool(done.all()) or step == max_new - 1:
+                    return
+            else:
+                if before:
+                    state[finishing] = hidden[finishing]
+                if bool(done.all()) and (before or not bool(finishing.any())):
+                    break
+                token = torch.where(finishing, torch.full_like(token, self.emb_token_id), token)
             if lean is not None:
                 hidden = lean.step(token, next_pos)
             else:
@@ -650,6 +679,12 @@ class CIRCoT(nn.Module):
                 out = self._lm(token[:, None], mask, step_pos, cache=cache, use_cache=True)
                 cache, hidden = out.cache, out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
+            if closing and not before:
+                state[finishing] = hidden[finishing]
+                if bool(done.all()):
+                    break
+        if closing:
+            embed["hidden"] = state
 
     def _fused_weights(self) -> list | None:
         """Concatenated q|k|v and gate|up weights for the lean decoder (small models only; cached until the
@@ -670,45 +705,56 @@ class CIRCoT(nn.Module):
         cots: Sequence[CoT | dict[str, str] | None] | None,
         embed: bool = True,
     ) -> tuple[np.ndarray | None, list[CoT | None]]:
+        """Embeddings and parsed CoTs of one batch. Fast rows and rows with a given CoT are embedded by one
+        forward over prompt + answer + ``<emb>``; generated rows take their ``<emb>`` state from the decoding
+        loop itself (:meth:`_decode_steps` closes them with ``<emb>``), with no second forward."""
         n = len(images)
         pixels, grids = self.images(images)
         image_out = self._image_features(pixels.to(self.device), grids.to(self.device))
         n_img = self.images.n_tokens(grids)
+        parsed: list[CoT | None] = [None] * n
+        out = torch.zeros((n, self.embedding_dim), dtype=torch.float32)
         if mode == "fast":
             prompt_ids = self._prompt_ids("fast", texts, n_img)
-            seqs = [p + [self.emb_token_id] for p in prompt_ids]
-            parsed: list[CoT | None] = [None] * n
+            pooled = {i: p + [self.emb_token_id] for i, p in enumerate(prompt_ids)}
         else:
             prompt_ids = self._prompt_ids("full", texts, n_img)
-            answers: list[list[int] | None] = [None] * n
-            parsed = [None] * n
+            pooled = {}
             given = [i for i in range(n) if cots is not None and cots[i] is not None]
             if given:
                 ans = self._answer_ids([cots[i] for i in given])  # type: ignore[index,misc]
                 for i, a in zip(given, ans, strict=True):
-                    answers[i] = a + [self.emb_token_id]
+                    pooled[i] = prompt_ids[i] + a + [self.emb_token_id]
                     c = cots[i]  # type: ignore[index]
                     parsed[i] = prompts.parse_cot(prompts.format_cot(c)) if isinstance(c, dict) else c
-            todo = [i for i in range(n) if answers[i] is None]
+            todo = [i for i in range(n) if i not in pooled]
             if todo:
                 gen_seq = self._pad([prompt_ids[i] for i in todo], grids[todo])
                 sub_out = _select_images(image_out, todo) if len(todo) < n else image_out
-                steps = list(self._decode_steps(gen_seq, sub_out, self.config.max_cot_tokens))
+                closed: dict[str, torch.Tensor] | None = {} if embed else None
+                steps = list(self._decode_steps(gen_seq, sub_out, self.config.max_cot_tokens, embed=closed))
                 generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in todo]
                 for i, g in zip(todo, generated, strict=True):
-                    answers[i] = prompts.close_with_emb(g, self.emb_token_id, self.stop_token_ids)
                     emitted = _cut_at(g, self.emb_token_id, self.stop_token_ids)
                     text = self.tokenizer.decode(emitted, skip_special_tokens=False)
                     parsed[i] = prompts.parse_cot(text, require_emb=True)
-            seqs = [p + a for p, a in zip(prompt_ids, answers, strict=True)]  # type: ignore[operator]
+                if closed is not None:
+                    out[todo] = self._finish_embedding(closed["hidden"]).cpu()
         if not embed:
             return None, parsed
-        seq = self._pad(seqs, grids)
+        if pooled:
+            rows = sorted(pooled)
+            seq = self._pad([pooled[i] for i in rows], grids[rows])
+            sub_out = _select_images(image_out, rows) if len(rows) < n else image_out
+            out[rows] = self._pool(seq, sub_out).cpu()
+        return out.numpy(), parsed
+
+    def _pool(self, seq: _Seqs, image_out: Any) -> torch.Tensor:
+        """Embeddings of token sequences that end in ``<emb>`` (one forward)."""
         dev = self.device
         ids, mask = seq.input_ids.to(dev), seq.attention_mask.to(dev)
         hidden = self._hidden(ids, mask, seq.position_ids.to(dev), image_out)
-        emb = self.extract_embedding(hidden, ids, mask)
-        return emb.cpu().numpy().astype(np.float32, copy=False), parsed
+        return self.extract_embedding(hidden, ids, mask)
 
     def encode_images(
         self, images: Sequence[ImageLike], batch_size: int = 32, show_progress_bar: bool = False
@@ -735,7 +781,8 @@ class CIRCoT(nn.Module):
         """Query embeddings ``(n, d)`` float32 from reference images and modification texts.
 
         ``mode="full"``: generate caption → reasoning → conclusion (batched, left-padded, KV cache, stops at
-        ``<emb>``; ``<emb>`` is appended if never written), then embed prompt + CoT + ``<emb>`` in one forward.
+        ``<emb>``; ``<emb>`` is appended if never written); the embedding is the decoding loop's state at that
+        closing ``<emb>`` (equal, to float tolerance, to a forward over prompt + CoT + ``<emb>``).
         ``mode="fast"``: embed directly. ``cots``: embed from these CoTs instead of generating (entries that are
         None are generated). ``return_reasoning``: also return the parsed CoT per query (None in fast mode).
         """
