@@ -398,3 +398,23 @@ def test_shipped_model_full_mode_closing_state_matches_a_second_forward(images):
     emb, cots = model.encode_queries(images, TEXTS, mode="full", batch_size=4, return_reasoning=True)
     assert any(c.well_formed for c in cots)
     np.testing.assert_allclose(emb, want, atol=1e-4)
+
+
+def test_lean_decoder_falls_back_when_transformers_internals_are_missing(qwen2, images, monkeypatch):
+    """A release without the internals the lean steps read decodes through transformers' forward instead."""
+    from circot.model import _LeanDecoder
+
+    qwen2.eval()
+    assert _LeanDecoder.supports(qwen2.hf)
+    want = qwen2.encode_queries(images[:2], TEXTS[:2], mode="full")
+    rotary = qwen2.hf.model.language_model.rotary_emb
+    monkeypatch.delattr(type(rotary), "attention_scaling", raising=False)
+    monkeypatch.delattr(rotary, "attention_scaling")
+    assert not _LeanDecoder.supports(qwen2.hf)
+    monkeypatch.undo()
+    assert not _LeanDecoder.cache_supported(object())
+    monkeypatch.setattr(_LeanDecoder, "cache_supported", staticmethod(lambda cache: False))
+    monkeypatch.setattr(
+        _LeanDecoder, "step", lambda *a: (_ for _ in ()).throw(AssertionError("lean step used"))
+    )
+    np.testing.assert_allclose(qwen2.encode_queries(images[:2], TEXTS[:2], mode="full"), want, atol=1e-5)

@@ -649,7 +649,7 @@ class CIRCoT(nn.Module):
         state = torch.zeros_like(hidden) if closing else None
         lean = (
             _LeanDecoder(self.hf, cache, mask, max_new + int(closing), self._fused_weights())
-            if self.lean_decoding and _LeanDecoder.supports(self.hf)
+            if self.lean_decoding and _LeanDecoder.supports(self.hf) and _LeanDecoder.cache_supported(cache)
             else None
         )
         for step in range(max_new + int(closing)):
@@ -975,13 +975,34 @@ class _LeanDecoder:
 
     @classmethod
     def supports(cls, hf: nn.Module) -> bool:
+        """Whether the text decoder is one this class knows and has every internal it reads (transformers'
+        module layout changes between releases; without them decoding uses transformers' own forward)."""
         lm = getattr(getattr(hf, "model", None), "language_model", None)
         if lm is None or type(lm).__name__ not in cls._CLASSES or lm.training:
             return False
         cfg = lm.config
-        return all(t == "full_attention" for t in cfg.layer_types) and cfg._attn_implementation in (
-            "sdpa",
-            "eager",
+        if not all(t == "full_attention" for t in getattr(cfg, "layer_types", ["?"])):
+            return False
+        if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return False
+        rotary, layers = getattr(lm, "rotary_emb", None), getattr(lm, "layers", None)
+        if not (hasattr(rotary, "inv_freq") and hasattr(rotary, "attention_scaling") and layers):
+            return False
+        if not all(hasattr(getattr(lm, n, None), "weight") for n in ("embed_tokens", "norm")):
+            return False
+        layer = layers[0]
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        need = [(attn, ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")), (mlp, ("act_fn", "down_proj"))]
+        need += [(layer, ("input_layernorm", "post_attention_layernorm"))]
+        return all(hasattr(m, a) for m, names in need for a in names)
+
+    @staticmethod
+    def cache_supported(cache: Any) -> bool:
+        """A prefill cache with per-layer ``keys`` / ``values`` tensors (transformers 5's ``DynamicCache``)."""
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(
+            torch.is_tensor(getattr(layer, "keys", None)) and torch.is_tensor(getattr(layer, "values", None))
+            for layer in layers
         )
 
     def __init__(

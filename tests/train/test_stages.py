@@ -302,3 +302,17 @@ def test_config_with_a_perception_stage_round_trips(tmp_path):
     path = cfg.save(tmp_path / "c.yaml")
     again = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
     assert again.stages[0].mode == "perception" and again.stages[1].steer_prob == 0.5
+
+
+def test_metrics_lines_are_fsynced(tmp_path, monkeypatch):
+    import os
+
+    from circot.train import trainer as trainer_mod
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(trainer_mod.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    trainer_mod._append_jsonl(tmp_path / "metrics.jsonl", {"step": 1})
+    trainer_mod._append_jsonl(tmp_path / "metrics.jsonl", {"step": 2})
+    assert len(synced) == 2
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -190,8 +191,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record and make it durable (a crash right after a log line keeps the line)."""
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 # --------------------------------------------------------------------------------------------------------------
