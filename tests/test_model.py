@@ -41,7 +41,7 @@ def _tiny(model_type: str) -> CIRCoT:
     return CIRCoT.tiny(tokenizer_corpus=CORPUS, model_type=model_type, max_cot_tokens=12)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def model(request) -> CIRCoT:
     """A tiny random model of each supported backbone class."""
     return _tiny(request.param)
@@ -144,28 +144,50 @@ def test_fast_mode_generates_nothing(qwen2, images, monkeypatch):
 
 
 @pytest.mark.parametrize("rule", ["at_emb", "before_emb"])
-def test_extraction_rule_matches_a_manual_forward_pass(qwen2, images, rule):
-    qwen2.config.extraction = rule
+def test_extraction_rule_matches_a_manual_forward_pass(model, images, rule):
+    """Against transformers' own forward from pixels (for Qwen3-VL: with its deep-stack features)."""
+    model.config.extraction = rule
     try:
-        got = qwen2.encode_queries(images[:1], TEXTS[:1], mode="fast")[0]
+        got = model.encode_queries(images[:1], TEXTS[:1], mode="fast")[0]
     finally:
-        qwen2.config.extraction = "at_emb"
+        model.config.extraction = "at_emb"
     # the same prompt, run through the stock transformers forward (its own rotary index)
-    pixels, grids = qwen2.images(images[:1])
+    pixels, grids = model.images(images[:1])
     n_img = int(grids.prod() // 4)
     text = prompts.render_prompt(prompts.query_instruction(TEXTS[0], "fast"), n_img) + prompts.EMB_TOKEN
-    ids = qwen2.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    assert int(ids[0, -1]) == qwen2.emb_token_id
+    ids = model.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert int(ids[0, -1]) == model.emb_token_id
     with torch.no_grad():
-        out = qwen2.hf.model(
+        out = model.hf.model(
             input_ids=ids,
             pixel_values=pixels,
             image_grid_thw=grids,
-            mm_token_type_ids=(ids == qwen2.image_token_id).int(),
+            mm_token_type_ids=(ids == model.image_token_id).int(),
         )
     pos = -1 if rule == "at_emb" else -2
     want = torch.nn.functional.normalize(out.last_hidden_state[0, pos], dim=-1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_qwen3_deepstack_features_reach_the_decoder(images):
+    """Qwen3-VL's deep-stack features change the embedding (zeroing them is not the same model); its
+    QK-norm decoder steps run through transformers' forward, not the lean decoder."""
+    from circot.model import _LeanDecoder
+
+    model = _tiny("qwen3_vl").eval()
+    assert model.has_deepstack and not _LeanDecoder.supports(model.hf)
+    batch = model.build_batch(images[:2], TEXTS[:2], mode="fast")
+    with torch.no_grad():
+        image_out = model._image_features(batch["pixel_values"], batch["image_grid_thw"])
+        assert len(image_out.deepstack_features) == len(
+            model.hf.config.vision_config.deepstack_visual_indexes
+        )
+        full = model._hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], image_out)
+        image_out.deepstack_features = [
+            tuple(torch.zeros_like(f) for f in lvl) for lvl in image_out.deepstack_features
+        ]
+        zeroed = model._hidden(batch["input_ids"], batch["attention_mask"], batch["position_ids"], image_out)
+    assert not torch.allclose(full, zeroed)
 
 
 def test_build_batch_labels_only_the_cot_answer(qwen2, images):
@@ -231,8 +253,11 @@ def test_half_precision_storage_loads_back_in_float32(model, images, tmp_path):
     assert CIRCoT.from_pretrained(half, dtype="fp16").dtype == torch.float16  # an explicit dtype wins
 
 
-def test_lora_save_load_keeps_new_token_rows(qwen2, images, tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl"])
+def test_lora_save_load_keeps_new_token_rows(model_type, images, tmp_path):
     from circot.config import LoRASettings
+
+    qwen2 = _tiny(model_type)
 
     base_dir = qwen2.save_pretrained(tmp_path / "base")
     lora = CIRCoT.from_pretrained(base_dir, lora=LoRASettings(r=4, alpha=8, dropout=0.0))

@@ -50,11 +50,14 @@ MODES = ("gallery", "fast", "full")
 # the lean decoder keeps concatenated copies of the projection weights only for models this small
 FUSE_MAX_PARAMETERS = 200_000_000
 
-# transformers class per model_type. Qwen3-VL feeds deep-stack visual features inside its own forward, which
-# circot's generation loop does not replicate, so it is not supported yet.
+# transformers class per model_type. Qwen3-VL adds its deep-stack visual features to the hidden states of the
+# image positions inside the first decoder layers: circot's forwards pass the vision output (with those
+# features) to transformers' own forward, and its one-token decoding steps, which see text tokens only, need
+# none of them.
 _MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
 
 # The tiny default: text hidden 128, 4 layers, 4 heads; vision depth 2, width 128, patch 14, merge 2
@@ -104,8 +107,9 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 
 def tiny_hf_config(vocab_size: int, token_ids: dict[str, int], **overrides: Any) -> Any:
-    """A small ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` built from :data:`TINY_DEFAULTS` and ``overrides``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    """A small ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` built from :data:`TINY_DEFAULTS` and
+    ``overrides``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     o = {**TINY_DEFAULTS, **overrides}
     unknown = sorted(set(overrides) - set(TINY_DEFAULTS))
@@ -161,7 +165,22 @@ def tiny_hf_config(vocab_size: int, token_ids: dict[str, int], **overrides: Any)
             "fullatt_block_indexes": [o["vision_depth"] - 1],
         }
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-    raise ConfigError(f"tiny model_type must be 'qwen2_vl' or 'qwen2_5_vl', got {o['model_type']!r}")
+    if o["model_type"] == "qwen3_vl":
+        # interleaved multimodal rotary sections and QK-norm in the text model; deep-stack features taken from
+        # vision layers spread over the tower (Qwen3-VL-2B: 24 layers, indexes 5, 11, 17)
+        depth = o["vision_depth"]
+        text["head_dim"] = head_dim
+        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+        vision = {
+            **vision_common,
+            "hidden_size": o["vision_embed_dim"],
+            "intermediate_size": o["vision_embed_dim"] * o["vision_mlp_ratio"],
+            "out_hidden_size": o["hidden_size"],
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": sorted({max(0, depth // 2 - 1), depth - 1}),
+        }
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
+    raise ConfigError(f"tiny model_type must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl', got {o['model_type']!r}")
 
 
 @dataclass
@@ -376,6 +395,11 @@ class CIRCoT(nn.Module):
         return next(self.model.parameters()).dtype
 
     @property
+    def has_deepstack(self) -> bool:
+        """Whether the vision tower also feeds features into the decoder's first layers (Qwen3-VL)."""
+        return bool(getattr(self.hf.config.vision_config, "deepstack_visual_indexes", None))
+
+    @property
     def embedding_dim(self) -> int:
         return int(self.hf.config.text_config.hidden_size)
 
@@ -503,7 +527,8 @@ class CIRCoT(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Tensors for :meth:`embed_batch` (on CPU; embed_batch moves them to the model's device).
 
-        ``image_features``: the vision tower's merged outputs of ``images``, already computed
+        ``image_features`` (not for Qwen3-VL, whose tower also feeds deep-stack features): the vision tower's
+        merged outputs of ``images``, already computed
         (``(n_tokens, hidden)`` for all images in order, grids ``(n, 3)``), e.g. cached while the tower is frozen;
         the batch then carries them instead of pixels and :meth:`embed_batch` skips the tower.
 
@@ -1138,10 +1163,13 @@ def _image_output(features: torch.Tensor) -> Any:
 
 
 def _select_images(image_out: Any, rows: list[int]) -> Any:
-    """The vision outputs of some images of a batch (pooler_output is a per-image tuple)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return BaseModelOutputWithPooling(pooler_output=tuple(image_out.pooler_output[i] for i in rows))
+    """The vision outputs of some images of a batch (pooler_output, and Qwen3-VL's deep-stack features, are
+    per-image tuples)."""
+    out = type(image_out)(pooler_output=tuple(image_out.pooler_output[i] for i in rows))
+    deepstack = getattr(image_out, "deepstack_features", None)
+    if deepstack is not None:
+        out.deepstack_features = [tuple(level[i] for i in rows) for level in deepstack]
+    return out
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -316,3 +316,20 @@ def test_metrics_lines_are_fsynced(tmp_path, monkeypatch):
     trainer_mod._append_jsonl(tmp_path / "metrics.jsonl", {"step": 2})
     assert len(synced) == 2
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_qwen3_frozen_tower_runs_every_step_without_gradients(tmp_path, world):
+    """Qwen3-VL's tower also feeds deep-stack features, so its merged tokens alone are not cached."""
+    stages = [
+        {"name": "cot", "mode": "full", "steps": 2, "lr": 3e-3, "fast_fraction": 0.25, "freeze": FROZEN}
+    ]
+    cfg = _cfg(tmp_path, world, stages)
+    cfg.model.overrides = {**TINY, "model_type": "qwen3_vl"}
+    tr = _trainer(cfg)
+    assert tr.model.has_deepstack and not tr._vision_frozen
+    losses = tr._micro_step(
+        {"index": list(range(8)), "example": tr.examples[:8]}, cfg.stages[0], random.Random(0)
+    )
+    tr.accelerator.backward(losses["total"])
+    assert all(p.grad is None for p in tr.model.hf.model.visual.parameters())
+    assert not tr._vision_cache and float(losses["cot_ce"]) > 0

@@ -763,7 +763,9 @@ class Trainer:
                 continue
             p.requires_grad_(not any(name.startswith(prefix) for prefix in st.freeze))
         self._vision_cache.clear()
-        self._vision_frozen = not any(p.requires_grad for p in self.model.hf.model.visual.parameters())
+        # a deep-stack tower (Qwen3-VL) feeds more than its merged tokens: it runs, without gradients, every step
+        frozen = not any(p.requires_grad for p in self.model.hf.model.visual.parameters())
+        self._vision_frozen = frozen and not self.model.has_deepstack
         if self._vision_frozen:
             logger.info(
                 "vision tower frozen (weights %s): its outputs are cached per training image",
