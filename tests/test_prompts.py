@@ -7,7 +7,11 @@ def test_round_trip():
     assert text.endswith(EMB_TOKEN)
     parsed = parse_cot(text, require_emb=True)
     assert parsed.well_formed and parsed.problems == []
-    assert (parsed.caption, parsed.reasoning, parsed.conclusion) == (cot.caption, cot.reasoning, cot.conclusion)
+    assert (parsed.caption, parsed.reasoning, parsed.conclusion) == (
+        cot.caption,
+        cot.reasoning,
+        cot.conclusion,
+    )
 
 
 def test_truncated_output_is_flagged_not_raised():

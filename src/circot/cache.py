@@ -224,9 +224,9 @@ def encode_cached(
     order = list(todo.items())
     bar = None
     if progress and order:
-        from tqdm.auto import tqdm
+        from circot.progress import progress_bar
 
-        bar = tqdm(total=len(order), desc="encoding", unit="img")
+        bar = progress_bar(total=len(order), desc="encoding", unit="img")
 
     def flush() -> None:
         if cache is not None and pending_keys:
@@ -239,10 +239,11 @@ def encode_cached(
         vecs = np.asarray(encode([items[i] for _, i in batch]), np.float32)
         if vecs.ndim != 2 or len(vecs) != len(batch):
             raise RuntimeError(f"encoder returned shape {vecs.shape} for a batch of {len(batch)}")
+        finite = np.isfinite(vecs).all(axis=1)  # a NaN row marks an image that was skipped: never cached
         for (key, _), v in zip(batch, vecs, strict=True):
             new[key] = v
-        pending_keys.extend(k for k, _ in batch)
-        pending_vecs.append(vecs)
+        pending_keys.extend(k for (k, _), ok in zip(batch, finite, strict=True) if ok)
+        pending_vecs.append(vecs[finite])
         if len(pending_keys) >= flush_every:
             flush()
         if bar is not None:

@@ -20,3 +20,10 @@ class DataError(CircotError):
 
 class ConfigError(CircotError):
     """A configuration file or option is invalid."""
+
+
+def check_batch_size(batch_size: object, name: str = "batch_size") -> int:
+    """``batch_size`` if it is a positive integer; a :class:`CircotError` naming it otherwise."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CircotError(f"{name} must be a positive integer, not {batch_size!r}")
+    return batch_size

@@ -21,6 +21,7 @@ from circot.cache import CoTCache, EmbeddingCache, default_cache_dir, hash_file
 from circot.data.records import CIRSplit
 from circot.errors import CircotError, DataError
 from circot.gallery import encode_gallery
+from circot.jsonout import SCORE_DIGITS, rounded
 from circot.prompts import CoT
 from circot.search import MODES
 
@@ -57,10 +58,10 @@ class EvaluationReport:
             "model_fingerprint": self.model_fingerprint,
             "n_queries": self.n_queries,
             "n_gallery": self.n_gallery,
-            "metrics": self.metrics.metrics if self.metrics is not None else None,
+            "metrics": rounded(self.metrics.metrics) if self.metrics is not None else None,
             "conventions": self.metrics.conventions if self.metrics is not None else None,
-            "cot_scores": self.cot_scores,
-            "timings": self.timings,
+            "cot_scores": rounded(self.cot_scores, SCORE_DIGITS),
+            "timings": rounded(self.timings),
             "cache": self.cache,
             "files": self.files,
         }
@@ -124,9 +125,9 @@ def _generate_cots(
     todo = [i for i, c in enumerate(out) if c is None]
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from circot.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="reasoning", unit="query")
+        bar = progress_bar(total=len(todo), desc="reasoning", unit="query")
     pending: dict[str, dict[str, Any]] = {}
     for start in range(0, len(todo), batch_size):
         rows = todo[start : start + batch_size]

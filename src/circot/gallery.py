@@ -12,10 +12,12 @@ merges them in order and writes the index. Other ranks return ``None``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +27,16 @@ import numpy as np
 
 from circot.cache import EmbeddingCache, default_cache_dir, encode_cached, hash_file
 from circot.data.records import Gallery
-from circot.errors import CircotError
-from circot.index import DEFAULT_FACTORY, GalleryIndex, atomic_write_bytes, read_manifest
+from circot.errors import CircotError, check_batch_size
+from circot.index import (
+    DEFAULT_FACTORY,
+    MANIFEST_NAME,
+    GalleryIndex,
+    _read_items,
+    atomic_write_bytes,
+    index_lock,
+    read_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -159,24 +169,46 @@ def _barrier_or_wait(files: list[Path], timeout: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------- encoding
-def _encode_fn(model: ImageEncoder, paths: Sequence[Path]):
+def _encode_fn(model: ImageEncoder, paths: Sequence[Path], skipped: dict[str, str] | None = None):
+    """The batch encoder of ``paths``. With ``skipped`` (a dict), an image that cannot be read or embedded
+    gets a NaN row (never cached, left out of the index) and its reason is stored under its path."""
+
+    def one(batch: list[Path]) -> np.ndarray:
+        return np.asarray(model.encode_images([str(p) for p in batch], batch_size=len(batch)), np.float32)
+
     def encode(batch: list[Path]) -> np.ndarray:
         try:
-            return model.encode_images([str(p) for p in batch], batch_size=len(batch))
-        except CircotError:
-            raise
-        except Exception as exc:  # find the unreadable image and name it
-            from PIL import Image
-
-            for p in batch:
+            return one(batch)
+        except Exception as exc:
+            if skipped is None:
+                if isinstance(exc, CircotError):
+                    raise
+                _raise_unreadable(batch, exc)
+            rows: list[np.ndarray | None] = []
+            for p in batch:  # encode one by one to find the bad ones
                 try:
-                    with Image.open(p) as im:
-                        im.load()
+                    rows.append(one([p])[0])
                 except Exception as bad:
-                    raise CircotError(f"cannot read image {str(p)!r}: {bad}") from None
-            raise exc
+                    skipped[str(p)] = str(bad).splitlines()[0] if str(bad) else type(bad).__name__
+                    logger.warning("skipping %s: %s", p, skipped[str(p)])
+                    rows.append(None)
+            dim = next((len(r) for r in rows if r is not None), getattr(model, "embedding_dim", 0))
+            return np.stack([r if r is not None else np.full(dim, np.nan, np.float32) for r in rows])
 
     return encode
+
+
+def _raise_unreadable(batch: Sequence[Path], exc: BaseException) -> None:
+    """Raise a :class:`CircotError` naming the unreadable image of ``batch``, else re-raise ``exc``."""
+    from PIL import Image
+
+    for p in batch:
+        try:
+            with Image.open(p) as im:
+                im.load()
+        except Exception as bad:
+            raise CircotError(f"cannot read image {str(p)!r}: {bad}") from None
+    raise exc
 
 
 def encode_gallery(
@@ -190,12 +222,16 @@ def encode_gallery(
     flush_every: int = 1024,
     progress: bool = False,
     timeout: float = 24 * 3600.0,
+    skipped: dict[str, str] | None = None,
 ) -> np.ndarray | None:
     """Embeddings (n, d) float32 of the images at ``paths``, reusing and filling ``cache``.
 
     With ``world_size > 1`` (default: from the environment), this process encodes its shard and writes
     ``work_dir/shard-<rank>-of-<world>.npz``; rank 0 then waits for all shards and returns the merged
     array, other ranks return ``None``. A shard file whose image hashes match is reused as is.
+
+    ``skipped``: a dict to collect the images that cannot be read (path -> reason) instead of failing;
+    their rows are NaN.
     """
     if rank is None or world_size is None:
         env_rank, env_world = distributed_context()
@@ -204,8 +240,8 @@ def encode_gallery(
     paths = [Path(p) for p in paths]
     start, end = shard_bounds(len(paths), rank, world_size)
     mine = paths[start:end]
-    keys = [hash_file(p) for p in mine]
-    encode = _encode_fn(model, mine)
+    keys = [_hash_or_skip(p, skipped) for p in mine]
+    encode = _encode_fn(model, mine, skipped)
     if world_size == 1:
         return encode_cached(mine, keys, encode, cache, batch_size, flush_every, progress)
     if work_dir is None:
@@ -233,7 +269,65 @@ def encode_gallery(
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def _hash_or_skip(path: Path, skipped: dict[str, str] | None) -> str:
+    try:
+        return hash_file(path)
+    except CircotError as exc:
+        if skipped is None:
+            raise
+        return f"unreadable:{path}:{exc}"  # never in the cache: the image is tried, and skipped, again
+
+
 # --------------------------------------------------------------------------------------------- building
+def check_out_folder(out: str | Path, overwrite: bool = False) -> Path:
+    """Check, before any image is encoded, that ``out`` can become an index folder.
+
+    ``out`` may be missing, an empty folder or an existing circot index; a non-empty folder that is not an
+    index is refused unless ``overwrite`` (its other files are then left alone). A file, or a place where
+    nothing can be written, is refused.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CircotError(f"--out {str(out)!r} is an existing file, not an index folder")
+    if out.is_dir():
+        if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()) and not overwrite:
+            raise CircotError(
+                f"--out {str(out)!r} is a folder that is not empty and is not a circot index; choose "
+                "another folder, or pass --overwrite to write the index into it (its files are kept)"
+            )
+        if (out / MANIFEST_NAME).is_file():
+            read_manifest(out)  # a damaged manifest is reported now, not after encoding
+        probe_dir = out
+    else:
+        probe_dir = out.parent
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise CircotError(f"--out {str(out)!r}: {str(probe_dir)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".circot-write-test.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CircotError(
+            f"--out {str(out)!r}: cannot write in {str(probe_dir)!r} ({exc.strerror or exc})"
+        ) from None
+    return out
+
+
+def write_skip_report(
+    path: str | Path, ids: Sequence[str], skipped: dict[str, str], paths: Sequence[Path]
+) -> Path:
+    """Write the images left out by ``skip_bad`` as JSON ``[{"id", "path", "reason"}]``, atomically."""
+    by_path = {str(p): i for i, p in zip(ids, paths, strict=True)}
+    rows = [{"id": by_path.get(p, ""), "path": p, "reason": r} for p, r in sorted(skipped.items())]
+    atomic_write_bytes(Path(path), (json.dumps(rows, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    return Path(path)
+
+
+SKIP_REPORT_NAME = "skipped.json"
+
+
 def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.shards"
 
@@ -258,6 +352,8 @@ def build_index(
     search_params: dict[str, Any] | None = None,
     flush_every: int = 1024,
     progress: bool = False,
+    overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> GalleryIndex | None:
     """Embed the images and index them; save the index at ``out`` when given.
 
@@ -265,23 +361,70 @@ def build_index(
     image paths (ids = ``ids`` or the file names). Without ``out`` nothing is written except the cache (and
     a work folder under the cache root while encoding).
 
+    ``out`` must be missing, empty or an index (see :func:`check_out_folder`; ``overwrite`` accepts any
+    folder); it is locked while the index is built. ``skip_bad``: leave out the images that cannot be read
+    instead of failing, and list them in ``out/skipped.json`` (also in ``index.skipped``).
+
     ``model_ref`` (a hub id or path) is recorded so that ``circot search`` can load the model by itself.
     Returns the index on rank 0 and ``None`` on other ranks of a sharded run.
     """
+    check_batch_size(batch_size)
     ids, paths = _items(images, ids)
     rank, world = distributed_context()
     if out is None:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         work_dir = root / "work" / f"build-{os.getpid()}"
+        lock: Any = contextlib.nullcontext()
     else:
-        out = Path(out)
+        out = check_out_folder(out, overwrite)
         work_dir = _work_dir(out)
+        lock = index_lock(out, create=True) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _build_locked(
+            model, ids, paths, out, work_dir, rank, world, factory, batch_size, cache_dir, use_cache,
+            cache_dtype, model_ref, search_params, flush_every, progress, skip_bad,
+        )  # fmt: skip
+
+
+def _build_locked(
+    model: ImageEncoder,
+    ids: list[str],
+    paths: list[Path],
+    out: Path | None,
+    work_dir: Path,
+    rank: int,
+    world: int,
+    factory: str,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    use_cache: bool,
+    cache_dtype: str,
+    model_ref: str | None,
+    search_params: dict[str, Any] | None,
+    flush_every: int,
+    progress: bool,
+    skip_bad: bool,
+) -> GalleryIndex | None:
     cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
     t0 = time.perf_counter()
-    vectors = encode_gallery(model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress)
+    skipped: dict[str, str] | None = {} if skip_bad else None
+    vectors = encode_gallery(
+        model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress, skipped=skipped
+    )
     if vectors is None:
         return None
     encode_s = time.perf_counter() - t0
+    if skipped is not None:
+        good = np.isfinite(vectors).all(axis=1) if vectors.size else np.ones(len(vectors), bool)
+        for p, ok in zip(paths, good, strict=True):
+            if not ok and str(p) not in skipped:  # encoded by another rank
+                skipped[str(p)] = "could not be read (reported in the log of the rank that encoded it)"
+        if not good.any():
+            raise CircotError(f"none of the {len(paths)} images could be read; nothing to index")
+        all_ids, all_paths = ids, paths
+        ids = [i for i, ok in zip(ids, good, strict=True) if ok]
+        paths = [p for p, ok in zip(paths, good, strict=True) if ok]
+        vectors = vectors[good]
     index = GalleryIndex.create(
         vectors.shape[1], model.fingerprint, factory, normalized=True, model=model_ref
     )
@@ -296,6 +439,9 @@ def build_index(
         index.set_search_params(**search_params)
     if out is not None:
         index.save(out)
+        if skipped is not None:
+            write_skip_report(out / SKIP_REPORT_NAME, all_ids, skipped, all_paths)
+    index.skipped = dict(skipped or {})
     _cleanup(work_dir)
     logger.info(
         "indexed %d images in %.1fs (%.1f images/s encoding)",
@@ -319,9 +465,31 @@ def add_images(
 ) -> tuple[GalleryIndex | None, int]:
     """Add the images not yet in the index at ``index_path`` (by id); old images are never re-encoded.
 
-    Returns ``(index, number added)``; ``(None, 0)`` on ranks other than 0.
+    Returns ``(index, number added)``; ``(None, 0)`` on ranks other than 0. The index folder is locked
+    from reading to saving, so that two runs at once cannot lose each other's images: the second one stops
+    with a :class:`CircotError`.
     """
+    check_batch_size(batch_size)
     index_path = Path(index_path)
+    read_manifest(index_path)
+    rank, _ = distributed_context()
+    with index_lock(index_path) if rank == 0 else contextlib.nullcontext():
+        return _add_locked(
+            index_path, model, images, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress
+        )
+
+
+def _add_locked(
+    index_path: Path,
+    model: ImageEncoder,
+    images: ImageSource,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    use_cache: bool,
+    cache_dtype: str,
+    flush_every: int,
+    progress: bool,
+) -> tuple[GalleryIndex | None, int]:
     manifest = read_manifest(index_path)
     if manifest.model_fingerprint != model.fingerprint:
         raise CircotError(
@@ -356,8 +524,9 @@ def add_images(
 def read_ids(index_path: str | Path) -> list[str]:
     """The ids of an index folder, without loading its vectors."""
     manifest = read_manifest(index_path)
-    items = json.loads((Path(index_path) / manifest.files["items"]).read_text(encoding="utf-8"))
-    return list(items["ids"])
+    if "items" not in manifest.files:
+        raise CircotError(f"{Path(index_path) / MANIFEST_NAME}: missing file entry 'items'")
+    return _read_items(Path(index_path) / manifest.files["items"])[0]
 
 
 def _open_cache(
@@ -377,6 +546,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "add_images",
     "build_index",
+    "check_out_folder",
     "distributed_context",
     "encode_gallery",
     "list_images",

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,42 @@ class IndexManifest:
         missing = [k for k in ("model_fingerprint", "dim") if k not in data]
         if missing:
             raise CircotError(f"{source}: missing field {missing[0]!r}")
+        _check_manifest_types(data, source)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_manifest_types(data: dict[str, Any], source: str) -> None:
+    """Raise :class:`CircotError` naming the first manifest field whose JSON type is wrong."""
+
+    def bad(name: str, expected: str) -> CircotError:
+        return CircotError(f"{source}: field {name!r} must be {expected}, got {data[name]!r}")
+
+    if not isinstance(data["model_fingerprint"], str):
+        raise bad("model_fingerprint", "a string")
+    for name in ("dim", "count", "generation", "format_version"):
+        if name in data and (isinstance(data[name], bool) or not isinstance(data[name], int)):
+            raise bad(name, "an integer")
+    if data["dim"] <= 0:
+        raise bad("dim", "a positive integer")
+    for name in ("factory", "metric", "circot_version", "faiss_version"):
+        if name in data and not isinstance(data[name], str):
+            raise bad(name, "a string")
+    if "model" in data and data["model"] is not None and not isinstance(data["model"], str):
+        raise bad("model", "a string or null")
+    if "normalized" in data and not isinstance(data["normalized"], bool):
+        raise bad("normalized", "true or false")
+    if "search_params" in data and not isinstance(data["search_params"], dict):
+        raise bad("search_params", "an object")
+    if "files" in data:
+        files = data["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
+            for v in files.values()
+        ):
+            raise bad("files", "an object of file names in the index folder")
+    for name in ("created", "updated"):
+        if name in data and (isinstance(data[name], bool) or not isinstance(data[name], (int, float))):
+            raise bad(name, "a number")
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -149,6 +184,7 @@ class GalleryIndex:
         self.paths = paths
         self.manifest = manifest
         self._mmapped = mmapped
+        self.skipped: dict[str, str] = {}  # images a build left out (path -> reason), see build_index
         self._row_of = {image_id: i for i, image_id in enumerate(ids)}
         if len(self._row_of) != len(ids):
             raise CircotError("index is inconsistent: duplicate ids in the item map")
@@ -385,14 +421,14 @@ class GalleryIndex:
         )
         atomic_write_json(folder / MANIFEST_NAME, manifest.to_dict())  # the commit point
         self.manifest = manifest
-        # the previous generation (and leftovers of interrupted saves) are no longer referenced
-        for stale in folder.iterdir():
-            if (
-                stale.name.startswith(("vectors-", "items-", ".vectors-", ".items-"))
-                and stale.name not in files.values()
-            ):
-                with contextlib.suppress(OSError):  # another process may be cleaning too
-                    stale.unlink()
+        # Only the files the previous manifest named are removed: a folder may hold the user's own files,
+        # whatever their names.
+        if previous is not None:
+            for name in set(previous.files.values()) - set(files.values()):
+                stale = folder / name
+                if stale.parent == folder and stale.is_file():
+                    with contextlib.suppress(OSError):  # another process may be cleaning too
+                        stale.unlink()
         logger.info("saved index with %d vectors to %s", len(self.ids), folder)
         return folder
 
@@ -431,11 +467,7 @@ class GalleryIndex:
                 raise CircotError(
                     f"{index_file}: cannot read faiss index: {str(exc).splitlines()[-1]}"
                 ) from None
-        try:
-            items = json.loads(items_file.read_text(encoding="utf-8"))
-            ids, paths = list(items["ids"]), list(items["paths"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CircotError(f"{items_file}: malformed item map ({exc})") from None
+        ids, paths = _read_items(items_file)
         if index.d != manifest.dim:
             raise CircotError(f"{folder}: faiss index has dimension {index.d}, manifest says {manifest.dim}")
         return cls(index, ids, paths, manifest, mmapped=mmapped)
@@ -472,6 +504,52 @@ def _blocked_topk(
         best_s = np.pad(best_s, ((0, 0), (0, pad)), constant_values=-np.inf)
         best_i = np.pad(best_i, ((0, 0), (0, pad)), constant_values=-1)
     return best_s.astype(np.float32, copy=False), best_i
+
+
+def _read_items(items_file: Path) -> tuple[list[str], list[str]]:
+    """Ids and paths of an item map; ids written as JSON numbers become their decimal strings."""
+    try:
+        items = json.loads(items_file.read_text(encoding="utf-8"))
+        raw_ids, raw_paths = items["ids"], items["paths"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CircotError(f"{items_file}: malformed item map ({exc})") from None
+    if not isinstance(raw_ids, list) or not isinstance(raw_paths, list):
+        raise CircotError(f"{items_file}: malformed item map ('ids' and 'paths' must be lists)")
+    for name, values in (("ids", raw_ids), ("paths", raw_paths)):
+        for i, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise CircotError(f"{items_file}: {name}[{i}] must be a string, got {value!r}")
+    return [str(i) for i in raw_ids], [str(p) for p in raw_paths]
+
+
+@contextlib.contextmanager
+def index_lock(folder: str | Path, create: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on an index folder while it is being written (``index build`` / ``index add``).
+
+    The lock is an ``flock`` on the folder itself, released when the process ends, however it ends. A second
+    writer gets a :class:`CircotError` at once instead of silently losing the first one's images.
+    ``create``: make the folder first when it does not exist.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise CircotError(f"{folder}: cannot open the index folder ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CircotError(
+                f"{folder}: another circot run is writing this index; wait for it to finish, then run "
+                "this command again"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _read_manifest_if_any(folder: Path) -> IndexManifest | None:
@@ -515,5 +593,6 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "brute_force_search",
+    "index_lock",
     "read_manifest",
 ]

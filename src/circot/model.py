@@ -180,7 +180,9 @@ def tiny_hf_config(vocab_size: int, token_ids: dict[str, int], **overrides: Any)
             "deepstack_visual_indexes": sorted({max(0, depth // 2 - 1), depth - 1}),
         }
         return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
-    raise ConfigError(f"tiny model_type must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl', got {o['model_type']!r}")
+    raise ConfigError(
+        f"tiny model_type must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl', got {o['model_type']!r}"
+    )
 
 
 @dataclass
@@ -784,7 +786,16 @@ class CIRCoT(nn.Module):
     def encode_images(
         self, images: Sequence[ImageLike], batch_size: int = 32, show_progress_bar: bool = False
     ) -> np.ndarray:
-        """Gallery embeddings: float32 ``(n, d)``, L2-normalised (when the config normalises)."""
+        """Gallery embeddings: float32 ``(n, d)``, L2-normalised (when the config normalises).
+
+        One image (a path or a PIL image) instead of a sequence gives one embedding ``(d,)``.
+        """
+        from circot.errors import check_batch_size
+        from circot.processing import is_single_image
+
+        check_batch_size(batch_size)
+        if is_single_image(images):
+            return self.encode_images([images], batch_size, show_progress_bar)[0]  # type: ignore[list-item]
         out = np.zeros((len(images), self.embedding_dim), dtype=np.float32)
         with self._inference():
             for start in _progress(range(0, len(images), batch_size), show_progress_bar, "images"):
@@ -810,7 +821,23 @@ class CIRCoT(nn.Module):
         closing ``<emb>`` (equal, to float tolerance, to a forward over prompt + CoT + ``<emb>``).
         ``mode="fast"``: embed directly. ``cots``: embed from these CoTs instead of generating (entries that are
         None are generated). ``return_reasoning``: also return the parsed CoT per query (None in fast mode).
+        One query (an image and a text string; ``cots`` then one CoT or None) gives one embedding ``(d,)``.
         """
+        from circot.errors import check_batch_size
+        from circot.processing import is_single_image
+
+        check_batch_size(batch_size)
+        if isinstance(texts, str):
+            if not is_single_image(images):
+                raise CircotError("one text needs one image (a path or a PIL image), not a sequence")
+            one_cot = None if cots is None else [cots] if isinstance(cots, (CoT, dict)) else cots
+            one_image: list[ImageLike] = [images]  # type: ignore[list-item]
+            embs, parsed = self.encode_queries(
+                one_image, [texts], mode, batch_size, True, one_cot, show_progress_bar
+            )
+            return (embs[0], parsed[0]) if return_reasoning else embs[0]
+        if is_single_image(images):
+            raise CircotError("one image needs one text (a string), not a sequence of texts")
         if mode not in ("full", "fast"):
             raise CircotError(f"mode must be 'full' or 'fast', not {mode!r}")
         if len(images) != len(texts):
@@ -924,13 +951,13 @@ class CIRCoT(nn.Module):
                 _cast_safetensors(tmp, store)
                 stored = type(self).from_pretrained(tmp, device="cpu")  # the card describes what was stored
             (tmp / "README.md").write_text(stored.model_card(results), encoding="utf-8")
-            old = None
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-                os.replace(directory, old / "x")
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            from circot.fileops import replace_directory
+
+            for written in tmp.iterdir():  # on disk before the swap makes them the model
+                if written.is_file():
+                    with open(written, "rb") as fh:
+                        os.fsync(fh.fileno())
+            replace_directory(tmp, directory)  # the old model stays in place until the new one is complete
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -8,6 +8,7 @@ with an optional in-memory cache keyed by path, modification time and size.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,8 +73,34 @@ def load_image(image: ImageLike, index: int | None = None) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise CircotError(f"{image}: image file not found") from None
-    except (OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise CircotError(f"{image}: image too large to decode safely ({exc}); downscale it first") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise CircotError(f"{image}: cannot read image ({exc})") from None
+
+
+# Qwen2-VL's ``smart_resize`` refuses images whose long side is more than 200 times the short one.
+MAX_ASPECT_RATIO = 200
+
+
+def fit_aspect_ratio(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """``image`` itself, or, when one side is more than ``max_ratio`` times the other, the image centred on a
+    black canvas whose short side is just long enough (a 5000×10 strip becomes 5000×25); nothing is cut."""
+    w, h = image.size
+    if min(w, h) >= 1 and max(w, h) / min(w, h) <= max_ratio:
+        return image
+    long_side = max(w, h, 1)
+    short_side = max(1, math.ceil(long_side / max_ratio))
+    size = (long_side, max(short_side, h)) if w >= h else (max(short_side, w), long_side)
+    canvas = Image.new(image.mode, size)
+    canvas.paste(image, ((size[0] - w) // 2, (size[1] - h) // 2))
+    logger.debug("padded a %dx%d image to %dx%d (aspect ratio limit %s)", w, h, *size, max_ratio)
+    return canvas
+
+
+def is_single_image(value: Any) -> bool:
+    """True for one image (a path or a PIL image) rather than a sequence of them."""
+    return isinstance(value, (str, Path, Image.Image))
 
 
 class ImagePreprocessor:
@@ -131,6 +158,7 @@ class ImagePreprocessor:
 
     def _prepare(self, image: Image.Image) -> Any:
         """What is cached per image: a uint8 (H, W, 3) array (vectorised path) or processed patches."""
+        image = fit_aspect_ratio(image)
         if self._needs_no_resize(image):
             return np.array(image, dtype=np.uint8)
         try:

@@ -17,6 +17,7 @@ import numpy as np
 
 from circot.errors import CircotError
 from circot.index import GalleryIndex
+from circot.jsonout import SCORE_DIGITS, rounded
 from circot.prompts import CoT
 
 MODES = ("full", "fast")
@@ -32,7 +33,7 @@ class Hit:
     path: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "score": self.score, "path": self.path}
+        return {"rank": self.rank, "id": self.id, "score": round(self.score, SCORE_DIGITS), "path": self.path}
 
 
 @dataclass
@@ -63,7 +64,7 @@ class QueryResult:
             "cot": cot,
             "cot_given": self.cot_given,
             "results": [h.to_dict() for h in self.hits],
-            "timings": self.timings,
+            "timings": rounded(self.timings, SCORE_DIGITS),
         }
 
 
@@ -77,6 +78,31 @@ def resolve_device(device: str | None = "auto") -> str:
         if torch.cuda.is_available():
             return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         return "cpu"
+    return check_device(device)
+
+
+def check_device(device: str) -> str:
+    """``device`` if this torch can use it; a one-line :class:`CircotError` naming it otherwise."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CircotError(
+            f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise CircotError(f"--device {device!r}: CUDA is not available here ({build}); use --device cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise CircotError(f"--device {device!r}: there are only {count} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CircotError(f"--device {device!r}: MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise CircotError(f"--device {device!r}: unsupported device type; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -171,18 +197,17 @@ def search_query(
         raise CircotError("the modification text is empty")
     if cot is not None and mode != "full":
         raise CircotError("a given CoT needs mode 'full'")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CircotError(f"k must be a positive integer, not {k!r}")
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         raise CircotError(f"{image}: image file not found")
     emb, used, timings = embed_queries(model, [image], [text], mode, [cot] if cot is not None else None, 1)
     t0 = time.perf_counter()
-    scores, ids = index.search(emb, k)
+    scores, ids = index.search(emb, max(1, min(k, len(index))))  # never more slots than gallery images
     timings["search_s"] = time.perf_counter() - t0
     timings["total_s"] = sum(timings.values())
-    hits = [
-        Hit(rank=r + 1, id=str(i), score=float(s), path=str(index.path(i)))
-        for r, (s, i) in enumerate(zip(scores[0], ids[0], strict=True))
-        if i
-    ]
+    found = [(float(s), str(i)) for s, i in zip(scores[0], ids[0], strict=True) if str(i) != ""]
+    hits = [Hit(rank=r + 1, id=i, score=s, path=str(index.path(i))) for r, (s, i) in enumerate(found)]
     return QueryResult(
         text=text, mode=mode, cot=used[0], hits=hits, timings=timings, cot_given=cot is not None
     )
@@ -192,6 +217,7 @@ __all__ = [
     "Hit",
     "MODES",
     "QueryResult",
+    "check_device",
     "embed_queries",
     "load_model",
     "model_reference",

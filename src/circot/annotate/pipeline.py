@@ -61,7 +61,9 @@ class AnnotationReport:
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return asdict(self)
+        from circot.jsonout import rounded
+
+        return rounded(asdict(self))
 
     def format(self) -> str:
         s = self.teacher_stats
@@ -229,9 +231,9 @@ async def annotate_split_async(
         state = {"consecutive_failures": 0}
         bar = None
         if progress and todo:
-            from tqdm.auto import tqdm
+            from circot.progress import progress_bar
 
-            bar = tqdm(total=len(todo), desc="annotate", unit="triplet", dynamic_ncols=True)
+            bar = progress_bar(total=len(todo), desc="annotate", unit="triplet", dynamic_ncols=True)
 
         base = {"dataset": split.dataset, "split": split.split, "teacher": teacher.name}
 

@@ -49,27 +49,48 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """``(ClickException types, Abort types)`` of every click that typer may raise from.
+
+    Typer bundles its own copy of click (``typer._click``) whose exceptions are not subclasses of the
+    installed ``click``'s; older typers raise the installed one's. Both are caught.
+    """
+    errors: list[type] = []
+    aborts: list[type] = []
+    for name in ("typer._click.exceptions", "click.exceptions", "typer.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr, found in (("ClickException", errors), ("Abort", aborts)):
+            cls = getattr(module, attr, None)
+            if isinstance(cls, type) and cls not in found:
+                found.append(cls)
+    return tuple(errors), tuple(aborts)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``circot`` script."""
+    """Entry point of the ``circot`` script.
+
+    Usage errors print typer's usage message and exit 2; a :class:`CircotError` prints one ``error:`` line.
+    """
+    click_errors, aborts = _click_exception_types()
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="circot", standalone_mode=False)
     except CircotError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except SystemExit as exc:  # typer/click exits for --help and usage errors
-        return int(exc.code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
+    except SystemExit as exc:  # typer/click exits for --help
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except click_errors as exc:  # usage errors: missing option, unknown flag or command, bad value
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", 2))
+    except aborts:
+        typer.echo("aborted", err=True)
+        return 1
     return rc if isinstance(rc, int) else 0
 
 

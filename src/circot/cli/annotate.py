@@ -26,8 +26,10 @@ def register(app: typer.Typer) -> None:
         api_key_env: str = typer.Option(
             "OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (optional)."
         ),
-        concurrency: int = typer.Option(8, "--concurrency", help="Triplets annotated at the same time."),
-        limit: int = typer.Option(None, "--limit", help="Only the first N queries of the split."),
+        concurrency: int = typer.Option(
+            8, "--concurrency", min=1, help="Triplets annotated at the same time."
+        ),
+        limit: int = typer.Option(None, "--limit", min=1, help="Only the first N queries of the split."),
         verify: bool = typer.Option(
             False, "--verify", help="Ask the teacher to judge each conclusion vs the target."
         ),
@@ -43,7 +45,7 @@ def register(app: typer.Typer) -> None:
         max_image_side: int = typer.Option(
             None, "--max-image-side", help="Downscale larger images (pixels)."
         ),
-        batch_size: int = typer.Option(8, "--batch-size", help="hf: requests per generate call."),
+        batch_size: int = typer.Option(8, "--batch-size", min=1, help="hf: requests per generate call."),
         device: str = typer.Option("cpu", "--device", help="hf: torch device."),
         dtype: str = typer.Option(None, "--dtype", help="hf: torch dtype, e.g. bfloat16."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -51,6 +53,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Annotate a split with caption / reasoning / conclusion (resumable; rerun to finish)."""
         from circot.annotate import run_annotation
+
+        if teacher == "hf":
+            from circot.search import check_device
+
+            check_device(device)
 
         report = run_annotation(
             dataset,

@@ -20,7 +20,9 @@ def check(
     decode: bool = typer.Option(
         False, "--decode", help="Decode every image (slow); default decodes a sample."
     ),
-    sample: int = typer.Option(50, "--sample", help="How many images per split to decode without --decode."),
+    sample: int = typer.Option(
+        50, "--sample", min=0, help="How many images per split to decode without --decode."
+    ),
     skip_counts: bool = typer.Option(
         False, "--skip-counts", help="Do not compare counts with the official ones (custom subsets)."
     ),
@@ -54,7 +56,7 @@ def shapes(
     n_novel: int = typer.Option(1000, "--n-novel", help="test-novel queries (three held-out subsets)."),
     image_size: int = typer.Option(112, "--image-size", help="Image side in pixels."),
     workers: int = typer.Option(
-        1, "--workers", help="Rendering processes (the output does not depend on it)."
+        1, "--workers", min=1, help="Rendering processes (the output does not depend on it)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a shapes dataset already in --out."),
     distractors: int = typer.Option(0, "--distractors", help="Random edits of the reference per eval query."),

@@ -25,9 +25,13 @@ def register(app: typer.Typer) -> None:
             "--submission",
             help="Write test-server files (CIRR, CIRCO) or predictions (FashionIQ, shapes) here.",
         ),
-        limit: int = typer.Option(None, "--limit", help="Evaluate only the first N queries (quick check)."),
-        batch_size: int = typer.Option(16, "--batch-size", help="Queries per batch."),
-        gallery_batch_size: int = typer.Option(32, "--gallery-batch-size", help="Gallery images per batch."),
+        limit: int = typer.Option(
+            None, "--limit", min=1, help="Evaluate only the first N queries (quick check)."
+        ),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="Queries per batch."),
+        gallery_batch_size: int = typer.Option(
+            32, "--gallery-batch-size", min=1, help="Gallery images per batch."
+        ),
         cache: Path = typer.Option(
             None, "--cache", help="Cache folder; default $CIRCOT_CACHE or ~/.cache/circot."
         ),

@@ -33,6 +33,8 @@ def _echo(info: dict, as_json: bool, verb: str) -> None:
         f"{verb} {info['index']}: {info['count']} images{extra}, dim {info['dim']}, factory {info['factory']}, "
         f"model {info['model'] or '?'} [{info['model_fingerprint']}] in {info['seconds']:.1f}s"
     )
+    if "skipped" in info:
+        typer.echo(f"skipped {info['skipped']} unreadable image(s); list in {info['skip_report']}")
 
 
 @index_app.command("build")
@@ -47,29 +49,41 @@ def build_command(
     factory: str = typer.Option(
         "Flat", "--factory", help="faiss factory string: Flat (exact), IVF1024,PQ32, HNSW32..."
     ),
-    nprobe: int = typer.Option(None, "--nprobe", help="IVF lists to visit per search (saved in the index)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    nprobe: int = typer.Option(
+        None, "--nprobe", min=1, help="IVF lists to visit per search (saved in the index)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     cache: Path = typer.Option(
         None, "--cache", help="Embedding cache folder; default $CIRCOT_CACHE or ~/.cache/circot."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or fill the embedding cache."),
     fp16_cache: bool = typer.Option(False, "--fp16-cache", help="Store cached embeddings as float16."),
     device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, cuda:1..."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into a non-empty folder that is not an index (its files are kept)."
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Leave out unreadable images; list them in OUT/skipped.json."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Embed every image under --images with the model and write an index folder at --out.
 
     Resumable: re-running an interrupted build skips the images already encoded. Launched with several
-    processes (torchrun / accelerate launch), each encodes a shard and rank 0 writes the index.
+    processes (torchrun / accelerate launch), each encodes a shard and rank 0 writes the index. --out must
+    be a new or empty folder or an index; only the files of the index's own manifest are ever removed.
     """
     import time
 
-    from circot.gallery import build_index, list_images
+    from circot.gallery import SKIP_REPORT_NAME, build_index, check_out_folder, list_images
     from circot.index import GalleryIndex
-    from circot.search import load_model, model_reference
+    from circot.search import check_device, load_model, model_reference
 
     t0 = time.perf_counter()
     list_images(images)  # fail on bad input before loading the model
+    check_out_folder(out, overwrite)
+    if device != "auto":
+        check_device(device)
     net = load_model(model, device)
     GalleryIndex.create(net.embedding_dim, "check", factory=factory)  # a bad factory fails before encoding
     index = build_index(
@@ -84,9 +98,15 @@ def build_command(
         model_ref=model_reference(model),
         search_params={"nprobe": nprobe} if nprobe else None,
         progress=not as_json,
+        overwrite=overwrite,
+        skip_bad=skip_bad,
     )
     if index is not None:
-        _echo(_summary(index, out, None, time.perf_counter() - t0), as_json, "built")
+        info = _summary(index, out, None, time.perf_counter() - t0)
+        if skip_bad:
+            info["skipped"] = len(index.skipped)
+            info["skip_report"] = str(out / SKIP_REPORT_NAME)
+        _echo(info, as_json, "built")
 
 
 @index_app.command("add")
@@ -96,7 +116,7 @@ def add_command(
         ..., "--images", help="Folder of images or a text file of paths; known ids are skipped."
     ),
     model: str = typer.Option(None, "--model", help="Model; default: the one recorded in the index."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     cache: Path = typer.Option(None, "--cache", help="Embedding cache folder."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or fill the embedding cache."),
     fp16_cache: bool = typer.Option(False, "--fp16-cache", help="Store cached embeddings as float16."),

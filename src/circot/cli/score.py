@@ -15,7 +15,11 @@ def score(
         ...,
         "--predictions",
         "-p",
-        help="Predictions file(s); CIRR: recall file and optionally recall_subset.",
+        help="Predictions file(s), several after one flag (--predictions RECALL SUBSET) or the flag repeated; "
+        "CIRR: recall file and optionally recall_subset.",
+    ),
+    more_predictions: list[Path] = typer.Argument(
+        None, hidden=True, help="Further predictions files given after --predictions."
     ),
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the metrics (percentages) to this file."
@@ -26,6 +30,7 @@ def score(
     from circot.data._io import write_json_atomic
     from circot.submission import score_predictions
 
+    predictions = [*predictions, *(more_predictions or [])]
     loaded = load_split(dataset, root, split)
     result = score_predictions(loaded, predictions)
     typer.echo(result.format())

@@ -23,18 +23,38 @@ def register(app: typer.Typer) -> None:
         max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest uploaded image, in pixels."),
         max_text: int = typer.Option(500, "--max-text", help="Longest modification text, in characters."),
         max_k: int = typer.Option(100, "--max-k", help="Most results one search may ask for."),
+        max_decoding: int = typer.Option(
+            2, "--max-decoding", help="Uploads decoded at once (memory: about this × max pixels × 4 bytes)."
+        ),
         allow_mismatch: bool = typer.Option(
             False, "--allow-mismatch", help="Serve an index built with another model (results will be poor)."
         ),
+        api_key_env: str = typer.Option(
+            None,
+            "--api-key-env",
+            help="Environment variable holding an API key that requests must send as 'Authorization: Bearer'.",
+        ),
     ) -> None:
         """Serve a gallery index over HTTP: a JSON API and a page to search and steer the reasoning."""
+        import os
+
+        from circot.errors import CircotError
         from circot.serve import ServeLimits, serve
+
+        api_key = None
+        if api_key_env is not None:
+            api_key = os.environ.get(api_key_env, "").strip()
+            if not api_key:
+                raise CircotError(
+                    f"--api-key-env: the environment variable {api_key_env!r} is not set or empty"
+                )
 
         limits = ServeLimits(
             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
             max_pixels=max_pixels,
             max_text_chars=max_text,
             max_k=max_k,
+            max_decoding=max_decoding,
         )
         serve(
             index,
@@ -44,4 +64,5 @@ def register(app: typer.Typer) -> None:
             device=device,
             limits=limits,
             check_fingerprint=not allow_mismatch,
+            api_key=api_key,
         )

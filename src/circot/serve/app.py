@@ -19,6 +19,7 @@ Endpoints (all documented in ``/openapi.json``):
 """
 
 import asyncio
+import hmac
 import importlib.resources
 import json
 import logging
@@ -51,7 +52,7 @@ from circot.serve.schemas import (
     ResultOut,
     SearchOut,
 )
-from circot.serve.uploads import ServeLimits, UploadRejected, check_upload_size, decode_image
+from circot.serve.uploads import ServeLimits, UploadRejected, check_upload_size, decode_upload
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,30 @@ class _BodyTooLarge(HTTPException):
         )
 
 
+class _ApiKey:
+    """Require ``Authorization: Bearer <key>`` on every route but the page, its files and ``/health``."""
+
+    OPEN_PATHS = ("/", "/health")
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.key = key.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.OPEN_PATHS or path.startswith("/static/"):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        detail = "a valid API key is required: send the header 'Authorization: Bearer <key>'"
+        response = JSONResponse({"detail": detail}, 401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
 class _SecurityHeaders:
     """Add no-sniff and referrer headers everywhere, and a strict CSP to the page and its files."""
 
@@ -179,11 +204,22 @@ def _cot_out(cot: CoT | None) -> CoTOut | None:
     )
 
 
+def model_max_pixels(model: Any) -> int | None:
+    """The most pixels the model's image processor keeps (its ``max_pixels``), if it says."""
+    processor = getattr(getattr(model, "images", None), "image_processor", None)
+    size = getattr(processor, "size", None)
+    value = size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    if value is None:
+        value = getattr(getattr(model, "config", None), "max_pixels", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def create_app(
     index: Gallery,
     model: QueryModel,
     limits: ServeLimits | None = None,
     check_fingerprint: bool = True,
+    api_key: str | None = None,
 ) -> FastAPI:
     """Build the web application around a loaded gallery index and model.
 
@@ -192,6 +228,8 @@ def create_app(
         model: a :class:`circot.model.CIRCoT` (or anything with ``encode_queries`` and ``stream_reasoning``).
         limits: request limits; defaults to :class:`ServeLimits`'s.
         check_fingerprint: refuse an index whose manifest names another model.
+        api_key: when given, every route but ``/``, ``/static/...`` and ``/health`` requires the header
+            ``Authorization: Bearer <api_key>`` (401 otherwise).
 
     Raises:
         CircotError: when the index was built with another model and ``check_fingerprint`` is set.
@@ -205,6 +243,8 @@ def create_app(
     )
     app.state.engine = engine
     app.state.limits = limits
+    decode_slots = threading.BoundedSemaphore(limits.max_decoding)
+    target_pixels = model_max_pixels(model)
 
     # ---- errors --------------------------------------------------------------------------------------
     @app.exception_handler(UploadRejected)
@@ -218,6 +258,11 @@ def create_app(
     @app.exception_handler(CircotError)
     async def _circot_error(request: Request, exc: CircotError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error while answering; see the server log"}, 500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -257,8 +302,13 @@ def create_app(
         assert image is not None
         data = await image.read(limits.max_upload_bytes + 1)
         check_upload_size(len(data), limits)
-        picture = await run_in_threadpool(decode_image, data, limits)
-        return picture, ReferenceOut(kind="upload", width=picture.width, height=picture.height)
+        picture, (width, height) = await run_in_threadpool(decode_limited, data)
+        return picture, ReferenceOut(kind="upload", width=width, height=height)
+
+    def decode_limited(data: bytes) -> tuple[Image.Image, tuple[int, int]]:
+        # At most ``max_decoding`` uploads are decoded at once, each downscaled to the model's input size.
+        with decode_slots:
+            return decode_upload(data, limits, target_pixels)
 
     def clean_text(text: str) -> str:
         text = text.strip()
@@ -359,8 +409,8 @@ def create_app(
     ) -> SearchOut:
         """Search by a reference image (uploaded or from the gallery) and a modification text."""
         text = clean_text(text)
-        picture, ref = await reference(request, image, gallery_id)
-        with engine.admitted():
+        with engine.admitted():  # admit first, then decode: a refused request costs no decoding
+            picture, ref = await reference(request, image, gallery_id)
             outcome = await run_in_threadpool(engine.search, picture, text, mode, k)
         return answer(request, text, mode, k, ref, outcome, edited=False)
 
@@ -380,8 +430,8 @@ def create_app(
         if not conclusion.strip():
             raise UploadRejected("conclusion: the edited conclusion is empty", 422)
         cot = CoT(caption=caption.strip(), reasoning=reasoning.strip(), conclusion=conclusion.strip())
-        picture, ref = await reference(request, image, gallery_id)
         with engine.admitted():
+            picture, ref = await reference(request, image, gallery_id)
             outcome = await run_in_threadpool(engine.search_from_cot, picture, text, cot, k)
         return answer(request, text, "full", k, ref, outcome, edited=True)
 
@@ -410,9 +460,13 @@ def create_app(
         Event ``results`` carries the same JSON as ``POST /api/search`` answers.
         """
         text = clean_text(text)
-        picture, ref = await reference(request, image, gallery_id)
         if not engine.try_admit():
             raise ServerBusy("the server is busy: too many searches are waiting; try again shortly")
+        try:
+            picture, ref = await reference(request, image, gallery_id)
+        except BaseException:
+            engine.release_admission()
+            raise
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str | None, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -475,6 +529,10 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=folder), name="static")
 
+    if api_key is not None:
+        if not api_key.strip():
+            raise CircotError("the API key is empty")
+        app.add_middleware(_ApiKey, key=api_key.strip())
     app.add_middleware(_SecurityHeaders)
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     return app

@@ -23,6 +23,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def use_whole_image_blocks(max_pixels: int) -> None:
+    """Let PIL hold any allowed image in one memory block, so that freeing it returns it to the system.
+
+    PIL stores a large image in 16 MB blocks; the C allocator keeps blocks of that size after they are freed
+    (they fall under its mmap threshold once it has adapted), so a burst of large uploads left the server
+    at its peak memory for good. One block per image is large enough to be mapped and unmapped as a whole.
+    """
+    core = getattr(Image, "core", None)
+    if core is None or not hasattr(core, "set_block_size"):
+        return
+    wanted = max(max_pixels * 4, 16 * 1024 * 1024)  # 4 bytes a pixel (RGB is stored as RGBX)
+    wanted = (wanted + 4095) // 4096 * 4096
+    try:
+        if core.get_block_size() < wanted:
+            core.set_block_size(wanted)
+    except (ValueError, TypeError, AttributeError) as exc:
+        logger.debug("cannot set PIL's block size: %s", exc)
+
+
 def serve(
     index_path: Path,
     model: str | Path | None = None,
@@ -32,10 +51,12 @@ def serve(
     limits: ServeLimits | None = None,
     check_fingerprint: bool = True,
     log_level: str = "info",
+    api_key: str | None = None,
 ) -> None:
     """Serve the gallery index at ``index_path`` with ``model`` (default: the shipped shapes model).
 
     ``device``: a torch device, or ``auto`` (this process's GPU when there is one, else the CPU).
+    ``api_key``: require it as a bearer token (see :func:`circot.serve.app.create_app`).
 
     Blocks until the server stops. Sets PIL's process-wide decompression-bomb limit to the pixel limit.
 
@@ -57,10 +78,12 @@ def serve(
 
     # This process only serves: PIL's own guard now refuses anything over our pixel limit too.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    use_whole_image_blocks(limits.max_pixels)
     index = GalleryIndex.load(index_path)
     loaded = load_model(model, device)
-    app = create_app(index, loaded, limits=limits, check_fingerprint=check_fingerprint)
+    app = create_app(index, loaded, limits=limits, check_fingerprint=check_fingerprint, api_key=api_key)
     if not _is_loopback(host):
-        logger.warning("serving on %s: the service is reachable from other machines", host)
+        protection = "requests need the API key" if api_key else "without an API key (--api-key-env)"
+        logger.warning("serving on %s: the service is reachable from other machines, %s", host, protection)
     logger.info("serving %d gallery images on http://%s:%d/", len(app.state.engine.gallery_ids), host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -7,10 +7,11 @@ the server answers with and a one-line message that says what was wrong and what
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from circot.errors import CircotError, ConfigError
 
@@ -29,6 +30,8 @@ class ServeLimits:
         max_cot_chars: longest edited caption / reasoning / conclusion.
         max_k: most results one request may ask for.
         max_pending: requests allowed to wait for the model at once; more get 503.
+        max_decoding: uploads decoded at the same time (the others wait for a slot); with ``max_pixels``
+            this bounds the memory that decoding takes: about ``max_decoding × max_pixels × 4`` bytes.
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -37,6 +40,7 @@ class ServeLimits:
     max_cot_chars: int = 2000
     max_k: int = 100
     max_pending: int = 32
+    max_decoding: int = 2
 
     def __post_init__(self) -> None:
         for name in (
@@ -46,6 +50,7 @@ class ServeLimits:
             "max_cot_chars",
             "max_k",
             "max_pending",
+            "max_decoding",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -79,11 +84,30 @@ def check_upload_size(size: int, limits: ServeLimits) -> None:
         )
 
 
-def decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
+def decode_image(data: bytes, limits: ServeLimits, target_pixels: int | None = None) -> Image.Image:
     """Decode an uploaded image into an RGB :class:`PIL.Image.Image`, or raise :class:`UploadRejected`.
+
+    See :func:`decode_upload`, which also returns the size of the image as uploaded.
+    """
+    return decode_upload(data, limits, target_pixels)[0]
+
+
+# Modes that ``Image.reduce`` handles; others are converted to RGB first.
+_REDUCIBLE_MODES = frozenset({"RGB", "RGBA", "L", "LA", "I", "F", "CMYK", "RGBX", "La", "RGBa"})
+
+
+def decode_upload(
+    data: bytes, limits: ServeLimits, target_pixels: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an uploaded image: ``(RGB image, (width, height) as uploaded)``, or raise :class:`UploadRejected`.
 
     The pixel count is checked from the header, before any pixel is decoded; PIL's own decompression-bomb
     warning is turned into an error for this call, and its error is caught.
+
+    ``target_pixels`` (the model's largest input, e.g. its processor's ``max_pixels``): a larger image is
+    downscaled as it is decoded (JPEG: by the decoder itself, ``draft``), then by an integer box filter
+    (``reduce``) to no fewer than ``target_pixels`` pixels, so that at most one full-size copy of an upload
+    is ever in memory and what is kept is small. The model's processor does the final resize as before.
     """
     check_upload_size(len(data), limits)
     allowed = ", ".join(ALLOWED_FORMATS)
@@ -100,9 +124,19 @@ def decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
                     f"{limits.max_pixels:,} pixels",
                     413,
                 )
+            factor = _reduce_factor(width * height, target_pixels)
+            if factor > 1 and image.format == "JPEG":
+                image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = image.convert("RGB")
+            orientation = _orientation(image)
+            factor = _reduce_factor(image.width * image.height, target_pixels)
+            if factor > 1:  # reduce first: the rotation below then copies the small image only
+                if image.mode not in _REDUCIBLE_MODES:
+                    image = image.convert("RGB")
+                image = image.reduce(factor)
+            if orientation in _ORIENTATION_OPS:
+                image = image.transpose(_ORIENTATION_OPS[orientation])
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
         except UploadRejected:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -117,4 +151,30 @@ def decode_image(data: bytes, limits: ServeLimits) -> Image.Image:
             raise UploadRejected(f"the uploaded image is corrupt or truncated: {exc}", 400) from exc
         except Exception as exc:  # a decoder plugin failing in an unexpected way is still bad input
             raise UploadRejected(f"the uploaded image could not be decoded: {exc}", 400) from exc
-    return rgb
+    return rgb, (width, height)
+
+
+def _reduce_factor(pixels: int, target_pixels: int | None) -> int:
+    """The largest integer factor that keeps at least ``target_pixels`` pixels (1: no reduction)."""
+    if not target_pixels or pixels <= target_pixels:
+        return 1
+    return max(1, math.isqrt(pixels // target_pixels))
+
+
+# EXIF orientation -> the transposition that shows the image upright (as ``ImageOps.exif_transpose``).
+_ORIENTATION_OPS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # unreadable EXIF: keep the image as decoded
+        return 1

@@ -225,9 +225,9 @@ def _render_all(
     ]
     for p in plans:
         (out_dir / "images" / p.split).mkdir(parents=True, exist_ok=True)
-    from tqdm.auto import tqdm
+    from circot.progress import progress_bar
 
-    bar = tqdm(total=len(jobs), desc="rendering", unit="img", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc="rendering", unit="img", disable=not progress)
     if workers <= 1:
         for job in jobs:
             _render_job(job)
@@ -349,9 +349,9 @@ def generate_report(
     t0 = time.perf_counter()
     split_iter = [(split, n) for split, n in sizes.items() if n > 0]
     plans = []
-    from tqdm.auto import tqdm
+    from circot.progress import progress_bar
 
-    for split, n in tqdm(split_iter, desc="sampling", unit="split", disable=not progress):
+    for split, n in progress_bar(split_iter, desc="sampling", unit="split", disable=not progress):
         plans.append(plan_split(world, split, n, seed, distractors))
     t_plan = time.perf_counter() - t0
     _render_all(out_dir, plans, seed, image_size, workers, progress)

@@ -26,10 +26,82 @@ def read_annotations(root: str | Path, split: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"shapes: {path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"shapes: {path}: expected a JSON object at the top level, got {_kind(data)}")
     for key in ("queries", "images", "gallery"):
         if key not in data:
             raise DataError(f"shapes: {path}: missing field {key!r}")
+    _check_types(data, path)
     return data
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _check_types(data: dict[str, Any], path: Path) -> None:
+    """Raise a one-line :class:`DataError` naming the first field of ``data`` whose JSON type is wrong."""
+
+    def fail(where: str, expected: str, value: Any) -> DataError:
+        return DataError(f"shapes: {path}: {where} must be {expected}, got {_kind(value)}")
+
+    def need(where: str, value: Any, types: type | tuple[type, ...], expected: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise fail(where, expected, value)
+
+    def scene(where: str, value: Any) -> None:
+        need(where, value, dict, "a scene object")
+        objects = value.get("objects")
+        need(f"{where}.objects", objects, list, "a list")
+        for j, obj in enumerate(objects):
+            need(f"{where}.objects[{j}]", obj, dict, "an object")
+            for key, types, expected in (
+                ("row", int, "an integer"),
+                ("col", int, "an integer"),
+                ("color", str, "a string"),
+                ("shape", str, "a string"),
+                ("size", str, "a string"),
+            ):
+                if key not in obj:
+                    raise DataError(f"shapes: {path}: {where}.objects[{j}] is missing field {key!r}")
+                need(f"{where}.objects[{j}].{key}", obj[key], types, expected)
+
+    need("'queries'", data["queries"], list, "a list")
+    need("'images'", data["images"], dict, "an object")
+    need("'gallery'", data["gallery"], list, "a list")
+    for i, image_id in enumerate(data["gallery"]):
+        need(f"gallery[{i}]", image_id, str, "an image id (string)")
+    for image_id, info in data["images"].items():
+        where = f"images[{image_id!r}]"
+        need(where, info, dict, "an object")
+        if "file" in info:
+            need(f"{where}.file", info["file"], str, "a string")
+        if "scene" in info:
+            scene(f"{where}.scene", info["scene"])
+    for i, q in enumerate(data["queries"]):
+        where = f"queries[{i}]"
+        need(where, q, dict, "an object")
+        missing = [k for k in QUERY_FIELDS if k not in q]
+        if missing:
+            raise DataError(f"shapes: {path}: {where} is missing field(s) {', '.join(missing)}")
+        need(f"{where}.id", q["id"], (str, int), "a string")
+        for key in ("reference", "text", "family"):
+            need(f"{where}.{key}", q[key], str, "a string")
+        need(f"{where}.targets", q["targets"], list, "a list of image ids")
+        for j, t in enumerate(q["targets"]):
+            need(f"{where}.targets[{j}]", t, str, "an image id (string)")
+        if q.get("subset") is not None:
+            need(f"{where}.subset", q["subset"], str, "a string or null")
+        need(f"{where}.gold_cot", q["gold_cot"], dict, "an object with caption, reasoning and conclusion")
+        for key in ("caption", "reasoning", "conclusion"):
+            if key not in q["gold_cot"]:
+                raise DataError(f"shapes: {path}: {where}.gold_cot is missing field {key!r}")
+            need(f"{where}.gold_cot.{key}", q["gold_cot"][key], str, "a string")
+        scene(f"{where}.reference_scene", q["reference_scene"])
+        scene(f"{where}.target_scene", q["target_scene"])
+        for key in ("ops", "ref_kinds", "program"):
+            if key in q:
+                need(f"{where}.{key}", q[key], list, "a list")
 
 
 def load(root: str | Path, split: str, **options: Any) -> CIRSplit:
