@@ -15,8 +15,9 @@ the first epoch of a real run), then times ``--steps`` optimizer steps. Kinds:
 - ``perception`` (new code only): vision tower + perception head.
 
 Variants of the new code switch one lever at a time (``--variants``): ``fp32`` (no bf16 autocast),
-``vision-trained`` (the vision tower trains, no feature cache), ``groups-1`` (no length grouping), ``sdpa``
-(the language model's SDPA attention instead of eager). The profile splits the wall time of the timed ``full`` steps into image
+``vision-trained`` (the vision tower trains, no feature cache), ``groups-1`` (no length grouping), ``groups-3`` (three length groups instead of two), ``sdpa`` (the
+language model's SDPA attention instead of eager), ``compile`` (``torch.compile`` of the language model,
+dynamic shapes; its compilation happens in the warm-up steps). The profile splits the wall time of the timed ``full`` steps into image
 preprocessing, vision tower, language model, loss and backward (wrappers around the model's methods; the
 remainder is optimizer and bookkeeping).
 """
@@ -54,6 +55,8 @@ VARIANTS = {
     "vision-trained": {"freeze": []},
     "groups-1": {"length_groups": 1},
     "sdpa": {"attn": "sdpa"},
+    "groups-3": {"length_groups": 3},
+    "compile": {"compile": True},
 }
 
 
@@ -99,6 +102,8 @@ def measure(root: str, kind: str, threads: int, steps: int, new: bool, variant: 
     tr._setup_model(0)
     if new:
         tr.model.hf.set_attn_implementation({"text_config": variant.get("attn", "eager")})
+    if variant.get("compile"):
+        tr.model.hf.model.language_model.compile(dynamic=True)
     tr._enter_stage(0, fresh=True)
     st = cfg.stages[0]
     model = tr.model
@@ -199,7 +204,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--variants", nargs="+", default=["fp32", "vision-trained", "groups-1", "sdpa"])
+    ap.add_argument(
+        "--variants", nargs="+", default=["fp32", "vision-trained", "groups-1", "groups-3", "sdpa", "compile"]
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
