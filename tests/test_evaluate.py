@@ -33,13 +33,13 @@ def test_evaluate_uses_caches_and_matches_direct_scoring(world, model, tmp_path)
     from circot.metrics import evaluate as official
 
     calls = {"gen": 0}
-    original = model.generate_reasoning
+    original = model._decode_steps
 
-    def counting(images, texts, batch_size=16):
-        calls["gen"] += len(images)
-        return original(images, texts, batch_size=batch_size)
+    def counting(seq, *args, **kwargs):  # queries whose reasoning is generated
+        calls["gen"] += seq.input_ids.shape[0]
+        yield from original(seq, *args, **kwargs)
 
-    model.generate_reasoning = counting
+    model._decode_steps = counting
     try:
         first = evaluate(model, "shapes", world, "val", cache_dir=tmp_path, submission_dir=tmp_path / "sub")
         assert calls["gen"] == 8 and first.cache["cot_generated"] == 8
@@ -54,7 +54,7 @@ def test_evaluate_uses_caches_and_matches_direct_scoring(world, model, tmp_path)
         }
         assert second.metrics.metrics == first.metrics.metrics
     finally:
-        del model.generate_reasoning
+        del model._decode_steps
     assert set(first.cot_scores) >= {"caption_f1", "conclusion_exact", "well_formed"}
     assert {"R@1", "R@10", "mAP@5"} <= set(first.metrics.metrics)
     preds = json.loads((tmp_path / "sub" / "shapes_val_predictions.json").read_text())

@@ -443,3 +443,25 @@ def test_lean_decoder_falls_back_when_transformers_internals_are_missing(qwen2, 
         _LeanDecoder, "step", lambda *a: (_ for _ in ()).throw(AssertionError("lean step used"))
     )
     np.testing.assert_allclose(qwen2.encode_queries(images[:2], TEXTS[:2], mode="full"), want, atol=1e-5)
+
+
+def test_stream_reasoning_hands_back_the_full_mode_embedding(model, images):
+    model.eval()
+    for image, text in zip(images[:2], TEXTS[:2], strict=True):
+        out: dict = {}
+        streamed = "".join(model.stream_reasoning(image, text, embedding=out))
+        want, cots = model.encode_queries([image], [text], mode="full", return_reasoning=True)
+        assert cots[0].raw.startswith(streamed)
+        np.testing.assert_allclose(out["embedding"], want[0], atol=1e-5)
+
+
+def test_a_generated_cot_given_back_embeds_as_generated(model, images):
+    """The one query path: a generated CoT handed back (as the eval cache does) embeds from its own tokens."""
+    emb, cots = model.encode_queries(images, TEXTS, mode="full", return_reasoning=True)
+    assert all(c.token_ids for c in cots)
+    np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="full", cots=cots), emb, atol=1e-5)
+    from circot.search import embed_queries
+
+    q = embed_queries(model, images, TEXTS, "full", batch_size=4)
+    np.testing.assert_allclose(q.embeddings, emb, atol=1e-5)
+    assert q.generated == [True] * 4 and [c.raw for c in q.cots] == [c.raw for c in cots]

@@ -193,7 +193,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo; returns what it did (the HTML report is at ``result.report``)."""
     from circot.data.shapes import load
-    from circot.search import Hit, QueryResult, embed_queries
+    from circot.search import QueryResult, embed_queries, rank
 
     t_start = time.perf_counter()
     workdir = Path(workdir) if workdir is not None else default_workdir()
@@ -215,24 +215,20 @@ def run_demo(
     picked = pick_queries(split.queries, n_queries)
     ref_paths = [str(split.image_path(q.reference)) for q in picked]
     # one batch: generation is amortised over the queries
-    emb, cots, qt = embed_queries(net, ref_paths, [q.text for q in picked], mode, batch_size=len(picked))
+    queries = embed_queries(net, ref_paths, [q.text for q in picked], mode, batch_size=len(picked))
     ts = time.perf_counter()
-    scores, ids = index.search(emb, k)
+    ranked = rank(index, queries.embeddings, k)
     search_s = time.perf_counter() - ts
     shown: list[DemoQuery] = []
     for row, q in enumerate(picked):
-        hits = [
-            Hit(rank=r + 1, id=str(i), score=float(sc), path=str(index.path(i)))
-            for r, (sc, i) in enumerate(zip(scores[row], ids[row], strict=True))
-            if i
-        ]
+        hits = ranked[row]
         per_query = {
-            "cot_s": qt["cot_s"] / len(picked),
-            "embed_s": qt["embed_s"] / len(picked),
+            "cot_s": queries.timings["cot_s"] / len(picked),
+            "embed_s": queries.timings["embed_s"] / len(picked),
             "search_s": search_s / len(picked),
         }
         per_query["total_s"] = sum(per_query.values())
-        result = QueryResult(text=q.text, mode=mode, cot=cots[row], hits=hits, timings=per_query)
+        result = QueryResult(text=q.text, mode=mode, cot=queries.cots[row], hits=hits, timings=per_query)
         targets = set(q.targets)
         rank = next((h.rank for h in hits if h.id in targets), None)
         gold = q.extras.get("gold_cot") or {}

@@ -1,7 +1,8 @@
 """The whole benchmark in one call: what ``circot eval`` runs.
 
-load split → embed the gallery (embedding cache) → reason about each query (``full`` mode; generated CoT cached
-by model fingerprint, reference-image hash and text) → embed the queries from their CoT → similarity matrix →
+load split → embed the gallery (embedding cache) → reason about and embed each query through the one query path
+(:func:`circot.search.embed_queries`; in ``full`` mode a CoT found in the cache, keyed by model fingerprint,
+reference-image hash and text, is given instead of generated) → similarity matrix →
 official metrics (:func:`circot.metrics.evaluate`) → for the shapes world, the reasoning scores of the generated
 CoT against the gold one (:func:`circot.data.shapes.score_cot`) → test-server / predictions files on request.
 """
@@ -105,58 +106,76 @@ def _query_images(split: CIRSplit) -> list[Path]:
     return paths
 
 
-def _generate_cots(
+def _embed_queries_cached(
     model: Any,
     images: Sequence[Path],
     texts: Sequence[str],
+    mode: str,
     cache: CoTCache | None,
     batch_size: int,
     flush_every: int,
     progress: bool,
-) -> tuple[list[CoT], int]:
-    """CoT per query, generating only the ones missing from the cache; returns (cots, cache hits)."""
-    keys = [CoTCache.key(hash_file(p), t) for p, t in zip(images, texts, strict=True)]
-    out: list[CoT | None] = [None] * len(keys)
-    for i, k in enumerate(keys):
-        hit = cache.get(k) if cache is not None else None
-        if hit is not None:
-            out[i] = _cached_cot(hit)
-    hits = sum(c is not None for c in out)
-    todo = [i for i, c in enumerate(out) if c is None]
+) -> tuple[np.ndarray, list[CoT | None], int]:
+    """Query embeddings through :func:`circot.search.embed_queries`, in full mode with the CoTs found in
+    ``cache`` given and the others generated (and stored); returns (embeddings, cots, cache hits)."""
+    from circot.search import embed_queries
+
+    n = len(texts)
+    given: list[CoT | None] = [None] * n
+    keys: list[str] = []
+    if mode == "full" and cache is not None:
+        keys = [CoTCache.key(hash_file(p), t) for p, t in zip(images, texts, strict=True)]
+        for i, k in enumerate(keys):
+            hit = cache.get(k)
+            if hit is not None:
+                given[i] = _cached_cot(hit)
+    hits = sum(c is not None for c in given)
     bar = None
-    if progress and todo:
+    if progress:
         from circot.progress import progress_bar
 
-        bar = progress_bar(total=len(todo), desc="reasoning", unit="query")
+        bar = progress_bar(total=n, desc="queries", unit="query")
+    embeddings: list[np.ndarray] = []
+    cots: list[CoT | None] = []
     pending: dict[str, dict[str, Any]] = {}
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
-        cots = model.generate_reasoning(
-            [str(images[i]) for i in rows], [texts[i] for i in rows], batch_size=len(rows)
+    for start in range(0, n, batch_size):
+        rows = range(start, min(n, start + batch_size))
+        q = embed_queries(
+            model,
+            [str(images[i]) for i in rows],
+            [texts[i] for i in rows],
+            mode,
+            [given[i] for i in rows],
+            batch_size,
         )
-        for i, c in zip(rows, cots, strict=True):
-            out[i] = c
-            pending[keys[i]] = {
-                "caption": c.caption,
-                "reasoning": c.reasoning,
-                "conclusion": c.conclusion,
-                "well_formed": c.well_formed,
-                "problems": list(c.problems),
-                "raw": c.raw,
-            }
-        if cache is not None and len(pending) >= flush_every:
-            cache.put(pending)
-            pending = {}
+        embeddings.append(q.embeddings)
+        cots.extend(q.cots)
+        if keys:
+            for i, c, new in zip(rows, q.cots, q.generated, strict=True):
+                if new and c is not None:
+                    pending[keys[i]] = {
+                        "caption": c.caption,
+                        "reasoning": c.reasoning,
+                        "conclusion": c.conclusion,
+                        "well_formed": c.well_formed,
+                        "problems": list(c.problems),
+                        "raw": c.raw,
+                        "token_ids": c.token_ids,  # so that a cached CoT embeds exactly as when generated
+                    }
+            if len(pending) >= flush_every:
+                cache.put(pending)  # type: ignore[union-attr]
+                pending = {}
         if bar is not None:
             bar.update(len(rows))
-    if cache is not None:
-        cache.put(pending)
+    if pending:
+        cache.put(pending)  # type: ignore[union-attr]
     if bar is not None:
         bar.close()
-    return out, hits  # type: ignore[return-value]
+    return np.concatenate(embeddings).astype(np.float32, copy=False), cots, hits
 
 
 def _cached_cot(entry: dict[str, Any]) -> CoT:
+    ids = entry.get("token_ids")
     return CoT(
         caption=entry.get("caption", ""),
         reasoning=entry.get("reasoning", ""),
@@ -164,6 +183,7 @@ def _cached_cot(entry: dict[str, Any]) -> CoT:
         well_formed=bool(entry.get("well_formed", True)),
         problems=list(entry.get("problems", [])),
         raw=entry.get("raw", ""),
+        token_ids=ids if isinstance(ids, list) and all(type(t) is int for t in ids) and ids else None,
     )
 
 
@@ -222,25 +242,14 @@ def evaluate_split(
 
     images = _query_images(split)
     texts = [q.text for q in split.queries]
-    cots: list[CoT | None] = [None] * len(texts)
+    t0 = time.perf_counter()
+    cot_cache = CoTCache(root, fp) if use_cache and mode == "full" else None
+    queries, cots, hits = _embed_queries_cached(
+        model, images, texts, mode, cot_cache, batch_size, 256, progress
+    )
     if mode == "full":
-        t0 = time.perf_counter()
-        cot_cache = CoTCache(root, fp) if use_cache else None
-        cots, hits = _generate_cots(model, images, texts, cot_cache, batch_size, 256, progress)  # type: ignore[assignment]
-        timings["reasoning_s"] = time.perf_counter() - t0
         cache_info["cot_cached"] = hits
         cache_info["cot_generated"] = len(texts) - hits
-    t0 = time.perf_counter()
-    queries = np.asarray(
-        model.encode_queries(
-            [str(p) for p in images],
-            texts,
-            mode=mode,
-            batch_size=batch_size,
-            cots=cots if mode == "full" else None,
-        ),
-        np.float32,
-    )
     timings["queries_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores = queries @ np.asarray(gallery, np.float32).T
@@ -282,7 +291,7 @@ def _shapes_cot_scores(split: CIRSplit, cots: Sequence[CoT | None]) -> dict[str,
         logger.warning("circot.data.shapes has no score_cot/gold_cot; reasoning scores skipped")
         return None
     gold = [gold_cot(q) for q in split.queries]
-    return {k: float(v) for k, v in score_cot([c or CoT() for c in cots], gold).items()}
+    return {k: float(v) for k, v in score_cot(cots, gold).items()}
 
 
 def evaluate(

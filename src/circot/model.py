@@ -748,12 +748,17 @@ class CIRCoT(nn.Module):
             prompt_ids = self._prompt_ids("full", texts, n_img)
             pooled = {}
             given = [i for i in range(n) if cots is not None and cots[i] is not None]
-            if given:
-                ans = self._answer_ids([cots[i] for i in given])  # type: ignore[index,misc]
-                for i, a in zip(given, ans, strict=True):
-                    pooled[i] = prompt_ids[i] + a + [self.emb_token_id]
-                    c = cots[i]  # type: ignore[index]
-                    parsed[i] = prompts.parse_cot(prompts.format_cot(c)) if isinstance(c, dict) else c
+            as_text = [i for i in given if not getattr(cots[i], "token_ids", None)]  # type: ignore[index]
+            texts_ids = (
+                dict(zip(as_text, self._answer_ids([cots[i] for i in as_text]), strict=True))
+                if as_text
+                else {}
+            )  # type: ignore[index,misc]
+            for i in given:
+                c = cots[i]  # type: ignore[index]
+                answer = texts_ids[i] if i in texts_ids else list(c.token_ids)  # type: ignore[union-attr]
+                pooled[i] = prompt_ids[i] + answer + [self.emb_token_id]
+                parsed[i] = prompts.parse_cot(prompts.format_cot(c)) if isinstance(c, dict) else c
             todo = [i for i in range(n) if i not in pooled]
             if todo:
                 gen_seq = self._pad([prompt_ids[i] for i in todo], grids[todo])
@@ -765,6 +770,9 @@ class CIRCoT(nn.Module):
                     emitted = _cut_at(g, self.emb_token_id, self.stop_token_ids)
                     text = self.tokenizer.decode(emitted, skip_special_tokens=False)
                     parsed[i] = prompts.parse_cot(text, require_emb=True)
+                    parsed[i].token_ids = prompts.close_with_emb(g, self.emb_token_id, self.stop_token_ids)[
+                        :-1
+                    ]
                 if closed is not None:
                     out[todo] = self._finish_embedding(closed["hidden"]).cpu()
         if not embed:
@@ -878,21 +886,34 @@ class CIRCoT(nn.Module):
             result.extend(parsed)  # type: ignore[arg-type]
         return result
 
-    def stream_reasoning(self, image: ImageLike, text: str) -> Iterator[str]:
+    def stream_reasoning(
+        self, image: ImageLike, text: str, embedding: dict[str, np.ndarray] | None = None
+    ) -> Iterator[str]:
         """Yield the CoT text piece by piece as it is generated (ends before ``<emb>``).
 
-        Each step runs under its own ``inference_mode`` (the generator may be resumed from another thread).
+        ``embedding``: a dict that receives ``"embedding"`` (d,) once the reasoning is complete — the state at
+        the ``<emb>`` that closes it, as ``encode_queries(mode="full")`` embeds the same query. Each step runs
+        under its own ``inference_mode`` (the generator may be resumed from another thread).
         """
+        closed: dict[str, torch.Tensor] | None = {} if embedding is not None else None
         with self._inference():
             pixels, grids = self.images([image])
             image_out = self._image_features(pixels.to(self.device), grids.to(self.device))
             prompt_ids = self._prompt_ids("full", [text], self.images.n_tokens(grids))
-            steps = self._decode_steps(self._pad(prompt_ids, grids), image_out, self.config.max_cot_tokens)
+            steps = self._decode_steps(
+                self._pad(prompt_ids, grids), image_out, self.config.max_cot_tokens, embed=closed
+            )
         tokens: list[int] = []
         sent = ""
         while True:
             with self._inference():
                 token = next(steps, None)
+                if closed is not None and (
+                    token is None or int(token[0]) in (self.emb_token_id, *self.stop_token_ids)
+                ):
+                    for _ in steps:  # the closing <emb> step
+                        pass
+                    embedding["embedding"] = self._finish_embedding(closed["hidden"])[0].cpu().numpy()  # type: ignore[index]
             if token is None:
                 return
             t = int(token[0])

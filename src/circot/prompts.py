@@ -38,6 +38,8 @@ class CoT:
 
     ``well_formed`` is True only when all three parts were present, closed, in order, and followed by
     ``<emb>`` (or by nothing but whitespace when ``require_emb`` was False). ``problems`` says what was wrong.
+    ``token_ids``: for a generated CoT, the answer's token ids as the model wrote them (up to, without, the
+    closing ``<emb>``); a model embeds such a CoT from exactly these tokens, a CoT without them from its text.
     """
 
     caption: str = ""
@@ -46,9 +48,12 @@ class CoT:
     well_formed: bool = True
     problems: list[str] = field(default_factory=list)
     raw: str = ""
+    token_ids: list[int] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["token_ids"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoT:

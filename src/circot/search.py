@@ -1,8 +1,10 @@
 """One composed query against a gallery index: reason, embed, search — with the reasoning and the timings.
 
-:func:`search_query` is what ``circot search``, the demo and the web service run. In ``full`` mode the model
-first writes caption → reasoning → conclusion, then the query is embedded from that CoT; a caller may pass its
-own ``cot`` (e.g. a user-edited conclusion) to re-rank from the edited reasoning without generating.
+:func:`embed_queries` is the one "reason, then embed" path: ``circot search``, ``circot eval``, the demo, the
+web service and the trainer's evaluation all call it. In ``full`` mode the model writes caption → reasoning →
+conclusion and embeds at the ``<emb>`` that closes it, in one decode; a caller may pass its own ``cot`` (e.g. a
+user-edited conclusion) to embed from that reasoning without generating. :func:`rank` turns embeddings into
+ranked :class:`Hit` lists, the same way for all of them.
 """
 
 from __future__ import annotations
@@ -133,6 +135,19 @@ def _as_cot(cot: CoT | dict[str, str]) -> CoT:
     return CoT.from_dict(cot)
 
 
+@dataclass
+class QueryEmbeddings:
+    """What :func:`embed_queries` returns: ``embeddings`` ``(n, d)`` float32, the CoT each query was embedded
+    from (None in fast mode), which of them were generated, and the time spent (seconds): ``cot_s`` for the
+    queries whose reasoning was generated (their embedding is read at the ``<emb>`` that closes it, so this is
+    reasoning and embedding together), ``embed_s`` for the one forward of fast queries and given CoTs."""
+
+    embeddings: np.ndarray
+    cots: list[CoT | None]
+    generated: list[bool]
+    timings: dict[str, float]
+
+
 def embed_queries(
     model: Any,
     images: Sequence[Any],
@@ -140,37 +155,55 @@ def embed_queries(
     mode: str = "full",
     cots: Sequence[CoT | dict[str, str] | None] | None = None,
     batch_size: int = 16,
-) -> tuple[np.ndarray, list[CoT | None], dict[str, float]]:
-    """Embeddings ``(n, d)``, the CoT used per query, and timings ``{"cot_s", "embed_s"}``.
+) -> QueryEmbeddings:
+    """Reason (full mode: the CoTs not given) and embed every query — the one query path of circot.
 
-    In ``full`` mode the CoTs not given are generated first (timed as ``cot_s``), then every query is embedded
-    from its CoT (``embed_s``), so a generated and a user-given CoT follow the same path.
+    Given and generated CoTs are embedded by the same rule; a generated one costs one decode (no second
+    forward), a given one a forward over prompt + CoT + ``<emb>``.
     """
     if mode not in MODES:
         raise CircotError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     n = len(images)
     if len(texts) != n:
         raise CircotError(f"{n} images but {len(texts)} texts")
-    timings = {"cot_s": 0.0, "embed_s": 0.0}
-    if mode == "fast":
-        t0 = time.perf_counter()
-        emb = model.encode_queries(list(images), list(texts), mode="fast", batch_size=batch_size)
-        timings["embed_s"] = time.perf_counter() - t0
-        return np.asarray(emb, np.float32), [None] * n, timings
-    used: list[CoT | None] = [None if cots is None or cots[i] is None else _as_cot(cots[i]) for i in range(n)]
-    todo = [i for i in range(n) if used[i] is None]
-    if todo:
-        t0 = time.perf_counter()
-        generated = model.generate_reasoning(
-            [images[i] for i in todo], [texts[i] for i in todo], batch_size=batch_size
-        )
-        timings["cot_s"] = time.perf_counter() - t0
-        for i, c in zip(todo, generated, strict=True):
-            used[i] = c
+    if cots is not None and len(cots) != n:
+        raise CircotError(f"{len(cots)} CoTs for {n} queries")
+    given: list[CoT | None] = [None] * n
+    if mode == "full" and cots is not None:
+        given = [None if c is None else _as_cot(c) for c in cots]
+    generated = [mode == "full" and c is None for c in given]
     t0 = time.perf_counter()
-    emb = model.encode_queries(list(images), list(texts), mode="full", batch_size=batch_size, cots=used)
-    timings["embed_s"] = time.perf_counter() - t0
-    return np.asarray(emb, np.float32), used, timings
+    if mode == "fast":
+        emb = model.encode_queries(list(images), list(texts), mode="fast", batch_size=batch_size)
+        used: list[CoT | None] = [None] * n
+    else:
+        emb, used = model.encode_queries(
+            list(images), list(texts), mode="full", batch_size=batch_size, cots=given, return_reasoning=True
+        )
+    spent = time.perf_counter() - t0
+    share = sum(generated) / max(1, n)
+    timings = {"cot_s": spent * share, "embed_s": spent * (1.0 - share)}
+    return QueryEmbeddings(np.asarray(emb, np.float32).reshape(n, -1), list(used), generated, timings)
+
+
+def rank(index: Any, embeddings: np.ndarray, k: int) -> list[list[Hit]]:
+    """The top-``k`` gallery images of each query embedding as :class:`Hit` lists (``index``: a
+    :class:`~circot.index.GalleryIndex` or anything with ``search``, ``ids`` and ``path_of``). k is capped at
+    the gallery size; empty slots of an approximate index (no id, or a non-finite score) are dropped."""
+    query = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1))
+    scores, ids = index.search(query, max(1, min(int(k), len(index.ids))))
+    out: list[list[Hit]] = []
+    for row_scores, row_ids in zip(
+        np.asarray(scores).tolist(), np.asarray(ids, dtype=object).tolist(), strict=True
+    ):
+        found = [
+            (float(s), str(i)) for s, i in zip(row_scores, row_ids, strict=True) if str(i) not in ("", "-1")
+        ]
+        hits = [(s, i) for s, i in found if np.isfinite(s)]
+        out.append(
+            [Hit(rank=r + 1, id=i, score=s, path=str(index.path_of(i))) for r, (s, i) in enumerate(hits)]
+        )
+    return out
 
 
 def search_query(
@@ -201,26 +234,27 @@ def search_query(
         raise CircotError(f"k must be a positive integer, not {k!r}")
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         raise CircotError(f"{image}: image file not found")
-    emb, used, timings = embed_queries(model, [image], [text], mode, [cot] if cot is not None else None, 1)
+    q = embed_queries(model, [image], [text], mode, [cot] if cot is not None else None, 1)
+    timings = dict(q.timings)
     t0 = time.perf_counter()
-    scores, ids = index.search(emb, max(1, min(k, len(index))))  # never more slots than gallery images
+    hits = rank(index, q.embeddings, k)[0]
     timings["search_s"] = time.perf_counter() - t0
     timings["total_s"] = sum(timings.values())
-    found = [(float(s), str(i)) for s, i in zip(scores[0], ids[0], strict=True) if str(i) != ""]
-    hits = [Hit(rank=r + 1, id=i, score=s, path=str(index.path(i))) for r, (s, i) in enumerate(found)]
     return QueryResult(
-        text=text, mode=mode, cot=used[0], hits=hits, timings=timings, cot_given=cot is not None
+        text=text, mode=mode, cot=q.cots[0], hits=hits, timings=timings, cot_given=cot is not None
     )
 
 
 __all__ = [
     "Hit",
     "MODES",
+    "QueryEmbeddings",
     "QueryResult",
     "check_device",
     "embed_queries",
     "load_model",
     "model_reference",
+    "rank",
     "resolve_device",
     "search_query",
 ]

@@ -110,9 +110,9 @@ class GuardedModel:
         with self._inside():
             return self.inner.generate_reasoning(*args, **kwargs)
 
-    def stream_reasoning(self, image, text):
+    def stream_reasoning(self, image, text, **kwargs):
         with self._inside():
-            yield from self.inner.stream_reasoning(image, text)
+            yield from self.inner.stream_reasoning(image, text, **kwargs)
 
 
 class SlowStream:
@@ -138,9 +138,9 @@ class SlowStream:
     def generate_reasoning(self, *args, **kwargs):
         return self.inner.generate_reasoning(*args, **kwargs)
 
-    def stream_reasoning(self, image, text):
+    def stream_reasoning(self, image, text, **kwargs):
         try:
-            for piece in self.inner.stream_reasoning(image, text):
+            for piece in self.inner.stream_reasoning(image, text, **kwargs):
                 time.sleep(self.delay)
                 self.pieces += 1
                 yield piece

@@ -22,7 +22,7 @@ from PIL import Image
 
 from circot.errors import CircotError
 from circot.prompts import CoT, parse_cot
-from circot.search import embed_queries
+from circot.search import Hit, embed_queries, rank
 from circot.serve.uploads import UploadRejected
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ class QueryModel(Protocol):
         self, images: Sequence[Any], texts: Sequence[str], batch_size: int = ...
     ) -> Any: ...
 
-    def stream_reasoning(self, image: Any, text: str) -> Iterator[str]: ...
+    def stream_reasoning(
+        self, image: Any, text: str, embedding: dict[str, np.ndarray] | None = None
+    ) -> Iterator[str]: ...
 
 
 class Gallery(Protocol):
@@ -51,15 +53,6 @@ class Gallery(Protocol):
     def search(self, query_embs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     def path_of(self, image_id: Any) -> Path: ...
-
-
-@dataclass
-class Hit:
-    """One ranked gallery image."""
-
-    rank: int
-    id: str
-    score: float
 
 
 @dataclass
@@ -173,46 +166,40 @@ class SearchEngine:
     # -- searching ---------------------------------------------------------------------------------------
     def rank(self, embedding: np.ndarray, k: int) -> list[Hit]:
         """Top-``k`` gallery images for one query embedding (fewer when the gallery is smaller)."""
-        query = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32).reshape(1, -1))
-        k = max(1, min(int(k), len(self._by_str)))
         with self._index_lock:
-            scores, ids = self.index.search(query, k)
-        hits: list[Hit] = []
-        row_scores = np.asarray(scores)[0].tolist()
-        row_ids = np.asarray(ids, dtype=object)[0].tolist()
-        for score, image_id in zip(row_scores, row_ids, strict=True):
-            key = str(image_id)
-            if key not in self._by_str or not np.isfinite(score):  # empty slots: "" / -1 and -inf
-                continue
-            hits.append(Hit(rank=len(hits) + 1, id=key, score=float(score)))
-        return hits
+            return rank(self.index, np.asarray(embedding, dtype=np.float32).reshape(1, -1), k)[0]
 
     def search(self, image: Image.Image, text: str, mode: str, k: int) -> SearchOutcome:
         """Reason about (full mode) and embed one query, then search the gallery.
 
-        Full mode generates the reasoning, then embeds the query from it (as ``circot search`` does).
+        Full mode generates the reasoning and embeds at its closing ``<emb>`` (:func:`circot.search.embed_queries`,
+        as ``circot search`` does).
         """
         start = time.perf_counter()
         with self.model_lock:
             waited = _ms(start)
-            embs, cots, model_s = embed_queries(self.model, [image], [text], mode, None, 1)
+            q = embed_queries(self.model, [image], [text], mode, None, 1)
         start = time.perf_counter()
-        hits = self.rank(embs[0], k)
+        hits = self.rank(q.embeddings[0], k)
         timings = {"queue": waited}
         if mode == "full":
-            timings["reasoning"] = round(model_s["cot_s"] * 1000.0, 2)
-        timings.update(embedding=round(model_s["embed_s"] * 1000.0, 2), search=_ms(start))
-        return SearchOutcome(cot=cots[0], hits=hits, timings_ms=timings)
+            timings["reasoning"] = round(q.timings["cot_s"] * 1000.0, 2)
+        timings.update(embedding=round(q.timings["embed_s"] * 1000.0, 2), search=_ms(start))
+        return SearchOutcome(cot=q.cots[0], hits=hits, timings_ms=timings)
 
     def search_from_cot(self, image: Image.Image, text: str, cot: CoT, k: int) -> SearchOutcome:
         """Embed one query from a given (user-edited) reasoning instead of generating it, then search."""
         start = time.perf_counter()
         with self.model_lock:
             waited = _ms(start)
-            embs, _, model_s = embed_queries(self.model, [image], [text], "full", [cot], 1)
+            q = embed_queries(self.model, [image], [text], "full", [cot], 1)
         start = time.perf_counter()
-        hits = self.rank(embs[0], k)
-        timings = {"queue": waited, "embedding": round(model_s["embed_s"] * 1000.0, 2), "search": _ms(start)}
+        hits = self.rank(q.embeddings[0], k)
+        timings = {
+            "queue": waited,
+            "embedding": round(q.timings["embed_s"] * 1000.0, 2),
+            "search": _ms(start),
+        }
         return SearchOutcome(cot=cot, hits=hits, timings_ms=timings)
 
     def stream_search(
@@ -228,7 +215,7 @@ class SearchEngine:
 
         Full mode emits ``("token", piece)`` for each piece of reasoning as it is generated, then
         ``("cot", CoT)``; both modes end with the returned outcome (the caller emits the results). The
-        reasoning is parsed and the query embedded from it, as in :meth:`search`. Returns None when ``cancel`` was set (the client went away).
+        query is embedded at the ``<emb>`` that closes the reasoning, as in :meth:`search`. Returns None when ``cancel`` was set (the client went away).
         """
         if mode == "fast":
             return self.search(image, text, "fast", k)
@@ -237,7 +224,8 @@ class SearchEngine:
             waited = _ms(start)
             start = time.perf_counter()
             pieces: list[str] = []
-            stream = self.model.stream_reasoning(image, text)
+            closing: dict[str, np.ndarray] = {}
+            stream = self.model.stream_reasoning(image, text, embedding=closing)
             try:
                 for piece in stream:
                     if cancel.is_set():
@@ -255,10 +243,13 @@ class SearchEngine:
             if cancel.is_set():
                 return None
             start = time.perf_counter()
-            embs = self.model.encode_queries([image], [text], mode="full", cots=[cot])
+            # the state at the <emb> that closed the reasoning: what the non-streaming search embeds
+            query = closing.get("embedding")
+            if query is None:
+                query = embed_queries(self.model, [image], [text], "full", [cot], 1).embeddings[0]
             embed_ms = _ms(start)
         start = time.perf_counter()
-        hits = self.rank(embs[0], k)
+        hits = self.rank(query, k)
         return SearchOutcome(
             cot=cot,
             hits=hits,

@@ -230,6 +230,7 @@ def evaluate_model(
     Returns ``{mode: {"metrics": {...}, "cot": {...}}}`` plus the gallery embeddings under ``"_gallery"``.
     """
     from circot.metrics import evaluate
+    from circot.search import embed_queries
 
     if not modes:
         return {"_gallery": gallery_emb}
@@ -242,17 +243,12 @@ def evaluate_model(
     out: dict[str, Any] = {}
     for mode in modes:
         res: dict[str, Any] = {}
-        if mode == "full":
-            emb, cots = model.encode_queries(
-                refs, texts, mode="full", batch_size=batch_size, return_reasoning=True
-            )
-            if split.dataset == "shapes" and all("gold_cot" in q.extras for q in sub.queries):
-                from circot.data import shapes
+        queries = embed_queries(model, refs, texts, mode, batch_size=batch_size)
+        emb = queries.embeddings
+        if mode == "full" and split.dataset == "shapes" and all("gold_cot" in q.extras for q in sub.queries):
+            from circot.data import shapes
 
-                gold = [shapes.gold_cot(q) for q in sub.queries]
-                res["cot"] = shapes.score_cot([c or CoT(well_formed=False) for c in cots], gold)
-        else:
-            emb = model.encode_queries(refs, texts, mode=mode, batch_size=batch_size)
+            res["cot"] = shapes.score_cot(queries.cots, [shapes.gold_cot(q) for q in sub.queries])
         scores = np.asarray(emb, dtype=np.float32) @ np.asarray(gallery_emb, dtype=np.float32).T
         res["metrics"] = evaluate(sub, scores).metrics
         out[mode] = res

@@ -27,7 +27,9 @@ def gold_cot(query: CIRQuery) -> CoT:
     return cot
 
 
-def _as_cot(item: CoT | Mapping[str, Any] | str) -> CoT:
+def _as_cot(item: CoT | Mapping[str, Any] | str | None) -> CoT:
+    if item is None:  # no reasoning at all: nothing right, not well formed
+        return CoT(well_formed=False)
     if isinstance(item, CoT):
         return item
     if isinstance(item, str):
@@ -51,7 +53,7 @@ def _prf(generated: list[str], gold: list[str]) -> tuple[float, float, float]:
 
 
 def score_cot(
-    generated: Sequence[CoT | Mapping[str, Any] | str], gold: Sequence[CoT | Mapping[str, Any] | str]
+    generated: Sequence[CoT | Mapping[str, Any] | str | None], gold: Sequence[CoT | Mapping[str, Any] | str]
 ) -> dict[str, float]:
     """Compare generated chains of thought with the gold ones, pair by pair; means over pairs, in [0, 1].
 
@@ -61,7 +63,8 @@ def score_cot(
     - conclusion_exact: the conclusion holds exactly the gold clauses (order, case, spacing, final punctuation
       ignored); conclusion_precision / _recall / _f1 as for the caption.
     - well_formed: all three parts present, closed and in order (``CoT.well_formed``).
-    Strings are parsed with :func:`circot.prompts.parse_cot`; dicts need caption/reasoning/conclusion.
+    Strings are parsed with :func:`circot.prompts.parse_cot`; dicts need caption/reasoning/conclusion; a
+    generated None (no reasoning) scores as an empty, not well-formed CoT.
     """
     if len(generated) != len(gold):
         raise DataError(f"score_cot: {len(generated)} generated CoTs for {len(gold)} gold CoTs")
