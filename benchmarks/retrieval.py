@@ -140,7 +140,8 @@ def bench_search(sizes, dims, batches, k, repeats, ivf, seed=0) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ model
 def _model():
-    from circot.model import CIRCoT, default_model_path
+    from circot.loading import default_model_path
+    from circot.model import CIRCoT
 
     if (default_model_path() / "circot_config.json").is_file():
         return CIRCoT.from_pretrained(None), "shipped shapes-tiny"

@@ -8,11 +8,12 @@ from retrieval_fakes import tiny_model
 
 
 def test_demo_runs_and_reuses_its_work(cli, tmp_path, monkeypatch):
+    import circot.loading
     import circot.model
     from circot.data.shapes import corpus
 
     # no shipped model: the demo falls back to a random tiny model (made small here to keep the test quick)
-    monkeypatch.setattr(circot.model, "default_model_path", lambda: tmp_path / "no-model")
+    monkeypatch.setattr(circot.loading, "default_model_path", lambda: tmp_path / "no-model")
     small = tiny_model(corpus=list(corpus()))
     monkeypatch.setattr(circot.model.CIRCoT, "tiny", classmethod(lambda cls, **kw: small))
 

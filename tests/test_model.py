@@ -326,9 +326,9 @@ def test_user_errors_are_one_line(qwen2, images, tmp_path):
 
 
 def test_default_model_missing_is_a_clear_error(tmp_path, monkeypatch):
-    import circot.model
+    import circot.loading
 
-    monkeypatch.setattr(circot.model, "default_model_path", lambda: tmp_path / "no-such-model")
+    monkeypatch.setattr(circot.loading, "default_model_path", lambda: tmp_path / "no-such-model")
     with pytest.raises(CircotError, match="shipped model"):
         CIRCoT.from_pretrained(None)
 

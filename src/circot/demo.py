@@ -128,7 +128,8 @@ def load_demo_model(
 ) -> tuple[Any, str, bool]:
     """(model, how it was found, is_fallback). ``None`` = the shipped model, else a random tiny one (saved in
     ``workdir`` the first time, so later runs skip building its tokenizer)."""
-    from circot.model import DEFAULT_MODEL, CIRCoT, default_model_path
+    from circot.loading import DEFAULT_MODEL, default_model_path
+    from circot.model import CIRCoT
     from circot.search import load_model
 
     if model is not None:

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.resources
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,154 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from circot import prompts
-from circot.config import CONFIG_NAME, CIRCoTConfig, LoRASettings
-from circot.errors import CircotError, ConfigError
-from circot.processing import CIRCoTProcessor, ImageLike, ImagePreprocessor, make_image_processor
+from circot import loading, prompts
+from circot.config import CIRCoTConfig, LoRASettings
+from circot.errors import CircotError
+from circot.generation import _cut_at, _LeanDecoder, decode_steps, fused_decoder_weights
+from circot.loading import DEFAULT_MODEL, TINY_DEFAULTS, default_model_path, tiny_hf_config
+from circot.processing import CIRCoTProcessor, ImageLike, ImagePreprocessor
 from circot.prompts import CoT
-from circot.tokenizer import add_circot_tokens, token_id, train_bpe_tokenizer
+from circot.tokenizer import token_id
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "shapes-tiny"
 IGNORE_INDEX = -100
 MODES = ("gallery", "fast", "full")
-# the lean decoder keeps concatenated copies of the projection weights only for models this small
-FUSE_MAX_PARAMETERS = 200_000_000
-
-# transformers class per model_type. Qwen3-VL adds its deep-stack visual features to the hidden states of the
-# image positions inside the first decoder layers: circot's forwards pass the vision output (with those
-# features) to transformers' own forward, and its one-token decoding steps, which see text tokens only, need
-# none of them.
-_MODEL_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
-
-# The tiny default: text hidden 128, 4 layers, 4 heads; vision depth 2, width 128, patch 14, merge 2
-# (16 image tokens at 112 px). Any key can be overridden through CIRCoT.tiny(**overrides).
-TINY_DEFAULTS: dict[str, Any] = {
-    "model_type": "qwen2_vl",
-    "vocab_size": 1024,
-    "hidden_size": 128,
-    "intermediate_size": 512,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "vision_depth": 2,
-    "vision_embed_dim": 128,
-    "vision_num_heads": 4,
-    "vision_mlp_ratio": 4,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
-
-
-def default_model_path() -> Path:
-    """Where the shipped tiny shapes model lives inside the package."""
-    return Path(str(importlib.resources.files("circot"))) / "assets" / DEFAULT_MODEL
-
-
-def _model_class(model_type: str) -> type:
-    import transformers
-
-    if model_type not in _MODEL_CLASSES:
-        raise CircotError(
-            f"model type {model_type!r} is not supported (supported: {', '.join(sorted(_MODEL_CLASSES))})"
-        )
-    return getattr(transformers, _MODEL_CLASSES[model_type])
-
-
-def _mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies into (temporal, height, width) like Qwen's [16, 24, 24] for 128."""
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
-def tiny_hf_config(vocab_size: int, token_ids: dict[str, int], **overrides: Any) -> Any:
-    """A small ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` built from :data:`TINY_DEFAULTS` and
-    ``overrides``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
-
-    o = {**TINY_DEFAULTS, **overrides}
-    unknown = sorted(set(overrides) - set(TINY_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown tiny model option(s): {', '.join(unknown)}")
-    head_dim = o["hidden_size"] // o["num_attention_heads"]
-    text = {
-        "vocab_size": vocab_size,
-        "hidden_size": o["hidden_size"],
-        "intermediate_size": o["intermediate_size"],
-        "num_hidden_layers": o["num_hidden_layers"],
-        "num_attention_heads": o["num_attention_heads"],
-        "num_key_value_heads": o["num_key_value_heads"],
-        "max_position_embeddings": o["max_position_embeddings"],
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": o["rope_theta"],
-            "mrope_section": _mrope_section(head_dim),
-        },
-        "bos_token_id": token_ids[prompts.PAD_TOKEN],
-        "eos_token_id": token_ids[prompts.IM_END],
-        "pad_token_id": token_ids[prompts.PAD_TOKEN],
-    }
-    common = {
-        "image_token_id": token_ids[prompts.IMAGE_PAD],
-        "video_token_id": token_ids["<|video_pad|>"],
-        "vision_start_token_id": token_ids[prompts.VISION_START],
-        "vision_end_token_id": token_ids[prompts.VISION_END],
-        "tie_word_embeddings": o["tie_word_embeddings"],
-    }
-    vision_common = {
-        "depth": o["vision_depth"],
-        "num_heads": o["vision_num_heads"],
-        "patch_size": o["patch_size"],
-        "spatial_merge_size": o["spatial_merge_size"],
-        "temporal_patch_size": o["temporal_patch_size"],
-    }
-    if o["model_type"] == "qwen2_vl":
-        vision = {
-            **vision_common,
-            "embed_dim": o["vision_embed_dim"],
-            "hidden_size": o["hidden_size"],
-            "mlp_ratio": o["vision_mlp_ratio"],
-        }
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
-    if o["model_type"] == "qwen2_5_vl":
-        vision = {
-            **vision_common,
-            "hidden_size": o["vision_embed_dim"],
-            "intermediate_size": o["vision_embed_dim"] * o["vision_mlp_ratio"],
-            "out_hidden_size": o["hidden_size"],
-            "window_size": o["patch_size"] * o["spatial_merge_size"] * 2,
-            "fullatt_block_indexes": [o["vision_depth"] - 1],
-        }
-        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
-    if o["model_type"] == "qwen3_vl":
-        # interleaved multimodal rotary sections and QK-norm in the text model; deep-stack features taken from
-        # vision layers spread over the tower (Qwen3-VL-2B: 24 layers, indexes 5, 11, 17)
-        depth = o["vision_depth"]
-        text["head_dim"] = head_dim
-        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
-        vision = {
-            **vision_common,
-            "hidden_size": o["vision_embed_dim"],
-            "intermediate_size": o["vision_embed_dim"] * o["vision_mlp_ratio"],
-            "out_hidden_size": o["hidden_size"],
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": sorted({max(0, depth // 2 - 1), depth - 1}),
-        }
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
-    raise ConfigError(
-        f"tiny model_type must be 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl', got {o['model_type']!r}"
-    )
 
 
 @dataclass
@@ -243,7 +104,7 @@ class CIRCoT(nn.Module):
         tokenizer: Any = None,
         **overrides: Any,
     ) -> CIRCoT:
-        """A random tiny Qwen2-VL (or ``model_type="qwen2_5_vl"``) with a BPE tokenizer trained on a corpus.
+        """A random tiny Qwen2-VL (or ``model_type="qwen2_5_vl"`` / ``"qwen3_vl"``) with a BPE tokenizer trained on a corpus.
 
         ``tokenizer_corpus`` defaults to the shapes world's :func:`circot.data.shapes.corpus`. ``overrides``: keys
         of :data:`TINY_DEFAULTS` (architecture) or fields of :class:`CIRCoTConfig`. Images are resized to a fixed
@@ -251,37 +112,7 @@ class CIRCoT(nn.Module):
         tokenizer (e.g. the real Qwen BPE, :func:`circot.tokenizer.qwen_tokenizer_from_tiktoken`) instead of
         training one.
         """
-        from dataclasses import fields
-
-        cfg_names = {f.name for f in fields(CIRCoTConfig)}
-        cfg_over = {k: v for k, v in overrides.items() if k in cfg_names and k != "model_type"}
-        arch_over = {k: v for k, v in overrides.items() if k not in cfg_over}
-        if tokenizer is None and tokenizer_corpus is None:
-            try:
-                from circot.data.shapes import corpus as shapes_corpus
-            except ImportError:
-                raise CircotError(
-                    "no tokenizer corpus given and circot.data.shapes.corpus is unavailable"
-                ) from None
-            tokenizer_corpus = shapes_corpus()
-        arch = {**TINY_DEFAULTS, **arch_over}
-        if tokenizer is None:
-            tokenizer = train_bpe_tokenizer(tokenizer_corpus, vocab_size=vocab_size or arch["vocab_size"])
-        else:
-            add_circot_tokens(tokenizer)
-        ids = tokenizer.get_vocab()
-        hf_config = tiny_hf_config(len(tokenizer), ids, **arch_over)
-        torch.manual_seed(seed)
-        model = _model_class(arch["model_type"])(hf_config)
-        model.eval()
-        pixels = image_size * image_size
-        config = CIRCoTConfig(
-            base_model="tiny", model_type=arch["model_type"], min_pixels=pixels, max_pixels=pixels, **cfg_over
-        )
-        image_processor = make_image_processor(
-            pixels, pixels, arch["patch_size"], arch["spatial_merge_size"], arch["temporal_patch_size"]
-        )
-        return cls(model, tokenizer, image_processor, config)
+        return loading.build_tiny(cls, tokenizer_corpus, image_size, seed, vocab_size, tokenizer, **overrides)
 
     @classmethod
     def from_pretrained(
@@ -292,91 +123,14 @@ class CIRCoT(nn.Module):
         config: CIRCoTConfig | None = None,
         **overrides: Any,
     ) -> CIRCoT:
-        """Load a circot model directory, or start from a Qwen2-VL / Qwen2.5-VL checkpoint (hub id or path).
+        """Load a circot model directory, or start from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (hub id or path).
 
         ``None`` or ``"shapes-tiny"``: the tiny shapes model shipped in the package. A circot directory (with
         ``circot_config.json``) holds full weights or a LoRA adapter over ``base_model``. A plain checkpoint gets
         circot's tokens added (embeddings resized) and a new config (``config`` / ``overrides``, e.g.
         ``lora=LoRASettings()``). ``dtype``: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype.
         """
-        torch_dtype = _resolve_dtype(dtype)
-        if id_or_path is None or str(id_or_path) == DEFAULT_MODEL:
-            path = default_model_path()
-            if not (path / CONFIG_NAME).is_file():
-                raise CircotError(
-                    f"the shipped model {DEFAULT_MODEL!r} is missing ({path}); train it with `circot train` "
-                    "or pass a model directory"
-                )
-            id_or_path = path
-        path = Path(id_or_path)
-        if (path / CONFIG_NAME).is_file():
-            model = cls._load_circot_dir(path, torch_dtype, config, overrides)
-        elif path.exists() and not (path / "config.json").is_file():
-            raise CircotError(f"{path}: not a model directory (no {CONFIG_NAME} or config.json)")
-        else:
-            model = cls._load_base(str(id_or_path), torch_dtype, config, overrides)
-        return model.to(device)
-
-    @classmethod
-    def _load_circot_dir(
-        cls, path: Path, dtype: torch.dtype | None, config: CIRCoTConfig | None, overrides: dict[str, Any]
-    ) -> CIRCoT:
-        from transformers import AutoTokenizer
-
-        saved = CIRCoTConfig.load(path)
-        cfg = config or saved
-        if dtype is None and saved.compute_dtype is not None:
-            dtype = _resolve_dtype(saved.compute_dtype)
-        if overrides:
-            cfg = cfg.replace(**overrides)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        add_circot_tokens(tokenizer)
-        image_processor = _load_image_processor(path)
-        if (path / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            base = _load_hf_model(saved.base_model, dtype)
-            _resize_for_tokenizer(base, tokenizer)
-            peft_model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
-            peft_model.eval()
-            return cls(peft_model, tokenizer, image_processor, cfg)
-        hf = _load_hf_model(str(path), dtype)
-        hf.eval()
-        if cfg.lora is not None:  # LoRA over these weights: they are the adapter's base
-            cfg = cfg.replace(base_model=str(path.resolve()))
-        self = cls(hf, tokenizer, image_processor, cfg)
-        if cfg.lora is not None:
-            self.enable_lora(cfg.lora)
-        return self
-
-    @classmethod
-    def _load_base(
-        cls,
-        id_or_path: str,
-        dtype: torch.dtype | None,
-        config: CIRCoTConfig | None,
-        overrides: dict[str, Any],
-    ) -> CIRCoT:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(id_or_path)
-        except (OSError, ValueError) as exc:
-            raise CircotError(f"{id_or_path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
-        hf = _load_hf_model(id_or_path, dtype)
-        new = [t for t in prompts.SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-        added = add_circot_tokens(tokenizer)
-        _resize_for_tokenizer(hf, tokenizer, init_new=[token_id(tokenizer, t) for t in new])
-        logger.info("added %d tokens to %s", added, id_or_path)
-        cfg = (config or CIRCoTConfig()).replace(
-            base_model=id_or_path, model_type=hf.config.model_type, **overrides
-        )
-        image_processor = _load_image_processor(id_or_path, cfg.min_pixels, cfg.max_pixels)
-        hf.eval()
-        self = cls(hf, tokenizer, image_processor, cfg)
-        if cfg.lora is not None:
-            self.enable_lora(cfg.lora)
-        return self
+        return loading.load_pretrained(cls, id_or_path, device, dtype, config, **overrides)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -663,65 +417,7 @@ class CIRCoT(nn.Module):
         gets ``<emb>`` fed in place of its stop token, and a row that runs out of tokens gets it fed after its
         last one. So full mode needs no second forward.
         """
-        dev = self.device
-        ids, mask, pos = seq.input_ids.to(dev), seq.attention_mask.to(dev), seq.position_ids.to(dev)
-        out = self._lm(ids, mask, pos, image_out, use_cache=True)
-        cache, hidden = out.cache, out.last_hidden_state[:, -1]
-        next_pos = pos.amax(dim=(0, 2)) + 1  # (b,)
-        stops = torch.tensor((self.emb_token_id, *self.stop_token_ids), device=dev)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=dev)
-        ones = torch.ones((ids.shape[0], 1), dtype=mask.dtype, device=dev)
-        closing = embed is not None
-        before = closing and self.config.extraction == "before_emb"
-        state = torch.zeros_like(hidden) if closing else None
-        lean = (
-            _LeanDecoder(self.hf, cache, mask, max_new + int(closing), self._fused_weights())
-            if self.lean_decoding and _LeanDecoder.supports(self.hf) and _LeanDecoder.cache_supported(cache)
-            else None
-        )
-        for step in range(max_new + int(closing)):
-            if step < max_new:
-                token = self._next_token(self.hf.lm_head(hidden))
-                token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
-                yield token
-                finishing = ~done & torch.isin(token, stops)
-            else:  # out of tokens: close with <emb>
-                token = torch.full_like(token, self.pad_token_id)
-                finishing = ~done
-            done = done | finishing
-            if not closing:
-                if bool(done.all()) or step == max_new - 1:
-                    return
-            else:
-                if before:
-                    state[finishing] = hidden[finishing]
-                if bool(done.all()) and (before or not bool(finishing.any())):
-                    break
-                token = torch.where(finishing, torch.full_like(token, self.emb_token_id), token)
-            if lean is not None:
-                hidden = lean.step(token, next_pos)
-            else:
-                mask = torch.cat([mask, ones], dim=1)
-                step_pos = next_pos.view(1, -1, 1).expand(3, -1, 1)
-                out = self._lm(token[:, None], mask, step_pos, cache=cache, use_cache=True)
-                cache, hidden = out.cache, out.last_hidden_state[:, -1]
-            next_pos = next_pos + 1
-            if closing and not before:
-                state[finishing] = hidden[finishing]
-                if bool(done.all()):
-                    break
-        if closing:
-            embed["hidden"] = state
-
-    def _fused_weights(self) -> list | None:
-        """Concatenated q|k|v and gate|up weights for the lean decoder (small models only; cached until the
-        weights change)."""
-        if self.num_parameters() > FUSE_MAX_PARAMETERS:
-            return None
-        version = sum(p._version for p in self.model.parameters())
-        if self._fused is None or self._fused[0] != version:
-            self._fused = (version, fused_decoder_weights(self.hf.model.language_model))
-        return self._fused[1]
+        return decode_steps(self, seq, image_out, max_new, embed)
 
     # ------------------------------------------------------------------ inference
     def _encode_query_batch(
@@ -955,235 +651,11 @@ class CIRCoT(nn.Module):
         ``storage_dtype`` (e.g. ``"fp16"``): store the floating-point weights in that type; the config then
         records the dtype they are used in, which :meth:`from_pretrained` restores when given no dtype.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        store = _resolve_dtype(storage_dtype)
-        config = self.config
-        if store is not None and store != self.dtype:
-            config = config.replace(compute_dtype=str(self.dtype).removeprefix("torch."))
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            with _quiet_transformers():
-                self.model.save_pretrained(str(tmp))
-            self.processor.save_pretrained(str(tmp))
-            config.save(tmp / CONFIG_NAME, extra={"versions": _versions()})
-            stored = self
-            if config is not self.config:
-                _cast_safetensors(tmp, store)
-                stored = type(self).from_pretrained(tmp, device="cpu")  # the card describes what was stored
-            (tmp / "README.md").write_text(stored.model_card(results), encoding="utf-8")
-            from circot.fileops import replace_directory
-
-            for written in tmp.iterdir():  # on disk before the swap makes them the model
-                if written.is_file():
-                    with open(written, "rb") as fh:
-                        os.fsync(fh.fileno())
-            replace_directory(tmp, directory)  # the old model stays in place until the new one is complete
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        logger.info("saved model to %s", directory)
-        return directory
+        return loading.save_pretrained(self, directory, results, storage_dtype)
 
     def model_card(self, results: dict[str, Any] | None = None) -> str:
         """The README.md of a saved model."""
-        cfg = self.config
-        hf_cfg = self.hf.config
-        text_cfg, vis_cfg = hf_cfg.text_config, hf_cfg.vision_config
-        lines = [
-            "---",
-            "library_name: circot",
-            "tags: [composed-image-retrieval, chain-of-thought, qwen2-vl]",
-            "---",
-            "",
-            "# CIR-CoT model",
-            "",
-            "A composed image retrieval model: given a reference image and a modification text it writes",
-            "`<caption>…</caption><reasoning>…</reasoning><conclusion>…</conclusion>` and then `<emb>`, whose",
-            "last-layer hidden state is the query embedding. Gallery images are embedded by answering `<emb>` to",
-            f'"{cfg.gallery_instruction}".',
-            "",
-            "## Usage",
-            "",
-            "```python",
-            "from circot.model import CIRCoT",
-            "model = CIRCoT.from_pretrained('path/to/this/folder')",
-            "gallery = model.encode_images(image_paths)",
-            "queries, cots = model.encode_queries(reference_paths, texts, mode='full', return_reasoning=True)",
-            "scores = queries @ gallery.T",
-            "```",
-            "",
-            "## Model",
-            "",
-            f"- base: `{cfg.base_model}` ({hf_cfg.model_type}); weights: {'LoRA adapter' if self.is_lora else 'full'}",
-            f"- parameters: {self.num_parameters():,}; embedding dim: {self.embedding_dim}",
-            f"- text: hidden {text_cfg.hidden_size}, {text_cfg.num_hidden_layers} layers, "
-            f"{text_cfg.num_attention_heads} heads; vocabulary {len(self.tokenizer)}",
-            f"- vision: depth {vis_cfg.depth}, patch {vis_cfg.patch_size}, merge {vis_cfg.spatial_merge_size}; "
-            f"pixels {cfg.min_pixels}–{cfg.max_pixels}",
-            f"- embedding: {cfg.extraction}, normalised: {cfg.normalize}, temperature {cfg.temperature}",
-            f"- max CoT tokens: {cfg.max_cot_tokens}; sampling: {cfg.do_sample}; prompt version {cfg.prompt_version}",
-            f"- fingerprint: `{self.fingerprint}`",
-            "",
-        ]
-        if results:
-            lines += ["## Results", "", "| metric | value |", "|---|---|"]
-            for k, v in results.items():
-                lines.append(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |")
-            lines.append("")
-        lines += ["## Versions", ""] + [f"- {k}: {v}" for k, v in _versions().items()] + [""]
-        return "\n".join(lines)
-
-
-class _LeanDecoder:
-    """One-token decoding steps of a Qwen2-VL / Qwen2.5-VL text decoder over a preallocated KV cache.
-
-    Calls the model's own modules (norms, projections, MLPs — LoRA-wrapped or not) and does the attention
-    with one ``scaled_dot_product_attention``; it skips transformers' mask building, output capturing and cache
-    bookkeeping, which dominate the cost of a step for small models. For text tokens the three multimodal
-    rotary sections share one position, so the rotary embedding is the ordinary one at that position.
-    """
-
-    _CLASSES = ("Qwen2VLTextModel", "Qwen2_5_VLTextModel")
-
-    @classmethod
-    def supports(cls, hf: nn.Module) -> bool:
-        """Whether the text decoder is one this class knows and has every internal it reads (transformers'
-        module layout changes between releases; without them decoding uses transformers' own forward)."""
-        lm = getattr(getattr(hf, "model", None), "language_model", None)
-        if lm is None or type(lm).__name__ not in cls._CLASSES or lm.training:
-            return False
-        cfg = lm.config
-        if not all(t == "full_attention" for t in getattr(cfg, "layer_types", ["?"])):
-            return False
-        if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
-            return False
-        rotary, layers = getattr(lm, "rotary_emb", None), getattr(lm, "layers", None)
-        if not (hasattr(rotary, "inv_freq") and hasattr(rotary, "attention_scaling") and layers):
-            return False
-        if not all(hasattr(getattr(lm, n, None), "weight") for n in ("embed_tokens", "norm")):
-            return False
-        layer = layers[0]
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        need = [(attn, ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")), (mlp, ("act_fn", "down_proj"))]
-        need += [(layer, ("input_layernorm", "post_attention_layernorm"))]
-        return all(hasattr(m, a) for m, names in need for a in names)
-
-    @staticmethod
-    def cache_supported(cache: Any) -> bool:
-        """A prefill cache with per-layer ``keys`` / ``values`` tensors (transformers 5's ``DynamicCache``)."""
-        layers = getattr(cache, "layers", None)
-        return bool(layers) and all(
-            torch.is_tensor(getattr(layer, "keys", None)) and torch.is_tensor(getattr(layer, "values", None))
-            for layer in layers
-        )
-
-    def __init__(
-        self, hf: nn.Module, cache: Any, mask: torch.Tensor, max_new: int, fused: list | None = None
-    ) -> None:
-        lm = hf.model.language_model
-        self.lm = lm
-        self.fused = fused if fused is not None else [None] * len(lm.layers)
-        cfg = lm.config
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.inv_freq = lm.rotary_emb.inv_freq
-        self.rope_scale = lm.rotary_emb.attention_scaling
-        b, length = mask.shape
-        total = length + max_new
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for layer in cache.layers:
-            k, v = layer.keys, layer.values  # (b, kv heads, length, head_dim)
-            kb = k.new_zeros(b, k.shape[1], total, k.shape[3])
-            vb = v.new_zeros(b, v.shape[1], total, v.shape[3])
-            kb[:, :, :length] = k
-            vb[:, :, :length] = v
-            self.keys.append(kb)
-            self.values.append(vb)
-        self.mask = torch.zeros(b, 1, 1, total, dtype=torch.bool, device=mask.device)
-        self.mask[:, 0, 0, :length] = mask.bool()
-        self.length = length
-
-    def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Feed ``token`` (b,) at rotary ``position`` (b,); returns the final-norm hidden state (b, hidden)."""
-        lm, b, hd, nh, nkv = self.lm, token.shape[0], self.head_dim, self.n_heads, self.n_kv
-        x = lm.embed_tokens(token[:, None])
-        freqs = position[:, None].float() * self.inv_freq.to(x.device)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # (b, 1, 1, hd)
-        cos = (angles.cos() * self.rope_scale).to(x.dtype)
-        sin = (angles.sin() * self.rope_scale).to(x.dtype)
-        t = self.length
-        self.mask[:, :, :, t] = True
-        mask = self.mask[:, :, :, : t + 1]
-        for i, layer in enumerate(lm.layers):
-            attn, fused = layer.self_attn, self.fused[i]
-            h = self._norm(layer.input_layernorm, x)
-            if fused is not None:
-                qkv = F.linear(h, fused[0], fused[1]).view(b, 1, nh + 2 * nkv, hd)
-            else:
-                qkv = torch.cat((attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)), dim=-1).view(
-                    b, 1, nh + 2 * nkv, hd
-                )
-            qk = qkv[:, :, : nh + nkv]
-            qk = qk * cos + _rotate_half(qk) * sin  # (b, 1, heads, hd): rotary on queries and keys at once
-            q = qk[:, :, :nh].transpose(1, 2)
-            self.keys[i][:, :, t] = qk[:, 0, nh:]
-            self.values[i][:, :, t] = qkv[:, 0, nh + nkv :]
-            o = F.scaled_dot_product_attention(
-                q,
-                self.keys[i][:, :, : t + 1],
-                self.values[i][:, :, : t + 1],
-                attn_mask=mask,
-                scale=attn.scaling,
-                enable_gqa=nh != nkv,
-            )
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, nh * hd))
-            h = self._norm(layer.post_attention_layernorm, x)
-            mlp = layer.mlp
-            if fused is not None:
-                gate, up = F.linear(h, fused[2]).chunk(2, dim=-1)
-                x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-            else:
-                x = x + mlp(h)
-        self.length = t + 1
-        return self._norm(lm.norm, x)[:, 0]
-
-    @staticmethod
-    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; transformers' RMSNorm computes the same in float32
-            return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-        return norm(x)
-
-
-def fused_decoder_weights(
-    lm: nn.Module,
-) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None]:
-    """Per layer (q|k|v weight, q|k|v bias, gate|up weight) concatenated, or None where a projection is not a
-    plain ``nn.Linear`` (e.g. LoRA-wrapped)."""
-    out: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None] = []
-    for layer in lm.layers:
-        a, m = layer.self_attn, layer.mlp
-        projs = (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)
-        if any(type(p) is not nn.Linear for p in projs) or m.gate_proj.bias is not None:
-            out.append(None)
-            continue
-        with torch.no_grad():
-            w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-            biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
-            bias = torch.cat(biases) if all(x is not None for x in biases) else None
-            if bias is None and any(x is not None for x in biases):
-                out.append(None)
-                continue
-            gu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-        out.append((w, bias, gu))
-    return out
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return loading.model_card(self, results)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1191,16 +663,6 @@ def _clean_cot(cot: CoT | dict[str, str]) -> dict[str, str]:
     """A CoT's fields with any special-token strings removed (the tags are added back by format_cot)."""
     get = cot.get if isinstance(cot, dict) else lambda k, d="": getattr(cot, k, d)
     return {k: prompts.strip_special_tokens(str(get(k, "") or "")) for k in prompts.COT_FIELDS}
-
-
-def _cut_at(generated: list[int], emb_id: int, stop_ids: Sequence[int]) -> list[int]:
-    """Generated ids up to the first ``<emb>`` (kept) or stop token (dropped)."""
-    for i, t in enumerate(generated):
-        if t == emb_id:
-            return generated[: i + 1]
-        if t in stop_ids:
-            return generated[:i]
-    return generated
 
 
 def _image_output(features: torch.Tensor) -> Any:
@@ -1220,111 +682,21 @@ def _select_images(image_out: Any, rows: list[int]) -> Any:
     return out
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-    }
-    if dtype not in names:
-        raise CircotError(f"dtype must be one of {', '.join(names)}, got {dtype!r}")
-    return names[dtype]
-
-
-def _cast_safetensors(directory: Path, dtype: torch.dtype) -> None:
-    """Rewrite every ``*.safetensors`` file of ``directory`` with its floating-point tensors cast to ``dtype``."""
-    from safetensors.torch import load_file, save_file
-
-    for file in directory.glob("*.safetensors"):
-        tensors = load_file(str(file))
-        cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-        save_file(cast, str(file), metadata={"format": "pt"})
-
-
-def _load_hf_model(id_or_path: str, dtype: torch.dtype | None) -> nn.Module:
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(id_or_path)
-    except (OSError, ValueError) as exc:
-        raise CircotError(f"{id_or_path}: cannot load a model config ({str(exc).splitlines()[0]})") from None
-    cls = _model_class(hf_config.model_type)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    with _quiet_transformers():
-        return cls.from_pretrained(id_or_path, **kwargs)
-
-
-def _load_image_processor(
-    path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None
-) -> Any:
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    kwargs: dict[str, Any] = {}
-    if min_pixels is not None:
-        kwargs["min_pixels"] = min_pixels
-    if max_pixels is not None:
-        kwargs["max_pixels"] = max_pixels
-    try:
-        return Qwen2VLImageProcessorPil.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise CircotError(f"{path}: cannot load the image processor ({str(exc).splitlines()[0]})") from None
-
-
-def _resize_for_tokenizer(hf: nn.Module, tokenizer: Any, init_new: list[int] | None = None) -> None:
-    """Grow the embeddings (and an untied LM head) to the tokenizer; new circot rows start at the mean row."""
-    emb = hf.get_input_embeddings()
-    old = emb.weight.shape[0]
-    if len(tokenizer) > old:
-        hf.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if not init_new:
-        return
-    with torch.no_grad():
-        for layer in (hf.get_input_embeddings(), hf.get_output_embeddings()):
-            if layer is None:
-                continue
-            w = layer.weight
-            mean = w[: min(old, w.shape[0])].float().mean(0).to(w.dtype)
-            for i in init_new:
-                w[i] = mean
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No transformers progress bars (loading a few-MB model should not draw bars)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    import circot
-
-    out = {"circot": circot.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return out
-
-
 def _progress(it: Iterable, enabled: bool, desc: str) -> Iterable:
     if not enabled:
         return it
-    from tqdm.auto import tqdm
+    from circot.progress import progress_bar
 
-    return tqdm(it, desc=desc)
+    return progress_bar(it, desc=desc)
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODES",
+    "TINY_DEFAULTS",
+    "CIRCoT",
+    "default_model_path",
+    "fused_decoder_weights",
+    "tiny_hf_config",
+    "_LeanDecoder",
+]

@@ -625,7 +625,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        from tqdm.auto import tqdm
+        from circot.progress import progress_bar
 
         cfg = self.cfg
         self._t_start = time.time()
@@ -658,7 +658,7 @@ class Trainer:
         batches = iter(loader)
         self.generated: dict[int, CoT] = {}
         self.model.train()
-        bar = tqdm(total=total, initial=start, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=start, disable=not self.is_main, desc="train", unit="step")
         history: list[dict[str, Any]] = []
         prev_stage = None
         t_log, running = time.time(), {}
