@@ -329,11 +329,15 @@ class CIRCoT(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.embed_batch(batch)
 
-    def embed_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def embed_batch(
+        self, batch: dict[str, torch.Tensor], labelled_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Differentiable embeddings ``(b, d)`` (L2-normalised if the config says so) and the logits.
 
         Logits ``(b, L, V)`` aligned with ``batch["labels"]`` (shift them for next-token CE) are computed only
-        when some label is not -100; otherwise None.
+        when some label is not -100; otherwise None. ``labelled_logits``: only the logits that predict a
+        label, ``(n, V)`` for the positions ``t`` whose ``labels[:, t + 1]`` is not -100, in row-major order (the
+        LM head then runs over the answer only).
         """
         dev = self.device
         b = {k: v.to(dev) for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -346,7 +350,10 @@ class CIRCoT(nn.Module):
         logits = None
         labels = b.get("labels")
         if labels is not None and bool((labels != IGNORE_INDEX).any()):
-            logits = self.hf.lm_head(hidden)
+            if labelled_logits:
+                logits = self.hf.lm_head(hidden[:, :-1][labels[:, 1:] != IGNORE_INDEX])
+            else:
+                logits = self.hf.lm_head(hidden)
         return emb, logits
 
     def extract_embedding(

@@ -333,3 +333,24 @@ def test_qwen3_frozen_tower_runs_every_step_without_gradients(tmp_path, world):
     tr.accelerator.backward(losses["total"])
     assert all(p.grad is None for p in tr.model.hf.model.visual.parameters())
     assert not tr._vision_cache and float(losses["cot_ce"]) > 0
+
+
+def test_labelled_logits_give_the_same_cross_entropy(world):
+    """The trainer runs the LM head over the answer only; the loss is the one over full logits."""
+    from circot.data.shapes import load
+    from circot.model import CIRCoT
+
+    model = CIRCoT.tiny(seed=0, **TINY).eval()
+    split = load(world, "train")
+    qs = split.queries[:3]
+    cots = [q.extras["gold_cot"] for q in qs]
+    batch = model.build_batch(
+        [split.image_path(q.reference) for q in qs], [q.text for q in qs], cots, mode="full"
+    )
+    ce = CoTCrossEntropy()
+    with torch.no_grad():
+        emb, full = model.embed_batch(batch)
+        emb2, compact = model.embed_batch(batch, labelled_logits=True)
+    assert compact.shape == (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), full.shape[-1])
+    torch.testing.assert_close(emb2, emb)
+    torch.testing.assert_close(ce.over_batches([(compact, batch["labels"])]), ce(full, batch["labels"]))

@@ -145,7 +145,8 @@ class CoTCrossEntropy(nn.Module):
 
     def over_batches(self, parts: list[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
         """The mean over every supervised token of several (logits, labels) sub-batches, as if they were one
-        batch (logits None: the sub-batch has no supervised token)."""
+        batch (logits None: the sub-batch has no supervised token). Logits are ``(b, t, V)`` aligned with the
+        labels, or ``(n, V)`` for the labelled positions only (``CIRCoT.embed_batch(labelled_logits=True)``)."""
         total, count, anchor = None, 0, None
         for logits, labels in parts:
             if logits is None:
@@ -156,7 +157,8 @@ class CoTCrossEntropy(nn.Module):
             n = int(mask.sum())
             if not n:
                 continue
-            part = F.cross_entropy(logits[:, :-1, :].float()[mask], shift_labels[mask], reduction="sum")
+            picked = logits.float() if logits.dim() == 2 else logits[:, :-1, :].float()[mask]
+            part = F.cross_entropy(picked, shift_labels[mask], reduction="sum")
             total = part if total is None else total + part
             count += n
         if total is None:

@@ -118,7 +118,7 @@ class _Forward(nn.Module):
         if perceive is not None:
             features, _ = self.net.image_features(perceive)
             return self.head(torch.stack(features))
-        return [self.net.embed_batch(b) for b in batches or []]
+        return [self.net.embed_batch(b, labelled_logits=True) for b in batches or []]
 
 
 def _corpus(cfg: TrainConfig, examples: list[Example]) -> list[str]:
@@ -538,12 +538,9 @@ class Trainer:
             order.extend(fast_rows)
         n_query = len(built)
         use_hard = contrastive and self.cfg.loss.hard_negatives > 0
-        if contrastive:
-            built.append(
-                model.build_batch(targets, mode="gallery", image_features=self._image_inputs(targets))
-            )
-        if use_hard:
-            built.append(model.build_batch(refs, mode="gallery", image_features=self._image_inputs(refs)))
+        if contrastive:  # the targets, and the references (hard negatives), in one gallery pass
+            images = targets + refs if use_hard else targets
+            built.append(model.build_batch(images, mode="gallery", image_features=self._image_inputs(images)))
         device = self.accelerator.device
         built = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in built]
         with self.accelerator.autocast():
@@ -556,13 +553,14 @@ class Trainer:
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(len(order), device=q_emb.device)
             q_emb = q_emb[inv]  # back to batch order
-            t_emb = outs[n_query][0]
+            gallery = outs[n_query][0]
+            t_emb = gallery[:n]
             keys = torch.as_tensor([e.target_key for e in examples], device=q_emb.device)
             hard = mask = None
             if use_hard:
                 # every reference of the batch (the "edit not applied" near miss) is a negative of every query,
                 # unless it shows the query's target scene (identity rows, or a reference equal to a target)
-                hard = outs[n_query + 1][0]
+                hard = gallery[n:]
                 ref_keys = torch.as_tensor([e.reference_key for e in examples], device=q_emb.device)
                 mask = keys[:, None] != ref_keys[None, :]
             info = self.info_nce(q_emb, t_emb, target_keys=keys, hard_negatives=hard, hard_mask=mask)
