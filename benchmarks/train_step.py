@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument(
-        "--variants", nargs="+", default=["fp32", "vision-trained", "groups-1", "groups-3", "sdpa", "compile"]
+        "--variants", nargs="*", default=["fp32", "vision-trained", "groups-1", "groups-3", "sdpa", "compile"]
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
