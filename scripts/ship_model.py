@@ -20,6 +20,7 @@ from pathlib import Path
 ROWS = {"c": "full", "c_fast": "fast", "c_gold": "gold CoT"}
 METRICS = ("R@1", "R@5", "mAP@5")
 COT_METRICS = {
+    "caption_exact": "caption exact match",
     "caption_f1": "caption F1",
     "conclusion_exact": "conclusion exact match",
     "well_formed": "well-formed CoT",
@@ -47,6 +48,9 @@ def card_results(table: dict, fingerprint: str, training: str | None) -> dict[st
             for key, name in COT_METRICS.items():
                 if key in res.get("cot", {}):  # a share in the table; in % here like the retrieval metrics
                     out[f"shapes {split} {name} (%)"] = 100 * res["cot"][key]
+            steer = res.get("faithfulness", {}).get("steering_R@1")
+            if steer is not None:
+                out[f"shapes {split} steering R@1 (another query's gold conclusion)"] = steer
     return out
 
 
