@@ -354,3 +354,22 @@ def test_labelled_logits_give_the_same_cross_entropy(world):
     assert compact.shape == (int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), full.shape[-1])
     torch.testing.assert_close(emb2, emb)
     torch.testing.assert_close(ce.over_batches([(compact, batch["labels"])]), ce(full, batch["labels"]))
+
+
+def test_cached_tower_outputs_keep_their_grids_and_respect_the_budget(tmp_path, world):
+    """Non-square images keep their own grids; past optim.vision_cache_mb nothing more is kept."""
+    from PIL import Image
+
+    stages = [{"name": "a", "mode": "fast", "steps": 1, "lr": 1e-3, "freeze": FROZEN}]
+    tr = _trainer(_cfg(tmp_path, world, stages, optim={"batch_size": 8, "vision_cache_mb": 0.005}))
+    paths = []
+    for i, size in enumerate([(112, 224), (224, 112), (112, 112)]):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.new("RGB", size, (40 * i, 100, 200)).save(paths[-1])
+    tr.model.eval()
+    with torch.no_grad():
+        cached = tr.model.build_batch(paths, mode="gallery", image_features=tr._image_inputs(paths))
+        plain = tr.model.build_batch(paths, mode="gallery")
+        torch.testing.assert_close(tr.model.embed_batch(cached)[0], tr.model.embed_batch(plain)[0])
+    assert torch.equal(cached["image_grid_thw"], plain["image_grid_thw"])
+    assert 0 < tr._vision_cache_bytes <= 0.005e6 and 0 < len(tr._vision_cache) < 3

@@ -91,6 +91,8 @@ class OptimSection:
     min_lr_ratio: float = 0.05
     # full-mode rows of a batch are split into this many sub-batches of similar CoT length (less padding)
     length_groups: int = 1
+    # memory kept for the frozen vision tower's outputs (per process, on the training device)
+    vision_cache_mb: float = 2048.0
 
 
 @dataclass

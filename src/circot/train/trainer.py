@@ -365,7 +365,8 @@ class Trainer:
         self.forward = _Forward(self.model, head)
         # stage freezing acts only inside this set (LoRA leaves the base weights out of it)
         self._trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        self._vision_cache: dict[str, torch.Tensor] = {}
+        self._vision_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self._vision_cache_bytes = 0
         self._vision_frozen = False
         self._groups = self.cfg.optim.length_groups
         params = [p for p in self.forward.parameters() if p.requires_grad]
@@ -435,23 +436,26 @@ class Trainer:
         self._log({"gen/conclusion_exact": exact}, step)
 
     def _image_inputs(self, paths: list[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Cached vision-tower outputs of ``paths`` while the tower is frozen (None: it trains, so the batch
-        carries pixels). Each image is encoded once per frozen stretch, under the training autocast."""
+        """Vision-tower outputs of ``paths`` while the tower is frozen (None: it trains, so the batch carries
+        pixels), computed without gradients under the training autocast. They are kept, with their grids, up
+        to ``optim.vision_cache_mb`` (the tiny shapes model needs 8 KB an image; a 7B model's 448-pixel image
+        several MB), so that each image is encoded once per frozen stretch."""
         if not self._vision_frozen:
             return None
-        missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in self._vision_cache))
+        found = {str(p): self._vision_cache[str(p)] for p in paths if str(p) in self._vision_cache}
+        missing = list(dict.fromkeys(str(p) for p in paths if str(p) not in found))
         if missing:
             with torch.no_grad(), self.accelerator.autocast():
-                feats, _ = self.model.image_features(missing)
-            for key, f in zip(missing, feats, strict=True):
-                self._vision_cache[key] = f.detach().float()
-        feats = [self._vision_cache[str(p)] for p in paths]
-        grids = torch.tensor([self._grid(f) for f in feats])
-        return torch.cat(feats), grids
-
-    def _grid(self, features: torch.Tensor) -> list[int]:
-        side = int(round(math.sqrt(features.shape[0]))) * self.model.images.merge_size
-        return [1, side, side]
+                feats, grids = self.model.image_features(missing)
+            budget = self.cfg.optim.vision_cache_mb * 1e6
+            for key, f, g in zip(missing, feats, grids.tolist(), strict=True):
+                found[key] = (f.detach().float(), g)
+                size = found[key][0].numel() * 4
+                if self._vision_cache_bytes + size <= budget:
+                    self._vision_cache[key] = found[key]
+                    self._vision_cache_bytes += size
+        picked = [found[str(p)] for p in paths]
+        return torch.cat([f for f, _ in picked]), torch.tensor([g for _, g in picked])
 
     def _perception_step(self, step: int) -> dict[str, torch.Tensor]:
         from circot.train.perception import perception_loss
@@ -757,6 +761,7 @@ class Trainer:
                 continue
             p.requires_grad_(not any(name.startswith(prefix) for prefix in st.freeze))
         self._vision_cache.clear()
+        self._vision_cache_bytes = 0
         # a deep-stack tower (Qwen3-VL) feeds more than its merged tokens: it runs, without gradients, every step
         frozen = not any(p.requires_grad for p in self.model.hf.model.visual.parameters())
         self._vision_frozen = frozen and not self.model.has_deepstack
