@@ -19,9 +19,10 @@ COLUMNS = {
     "val_fast/R@1": "fast R@1",
     "val_full/R@1": "full R@1",
     "val_full/cot_caption_exact": "caption EM",
+    "val_full/cot_caption_f1": "caption F1",
     "val_full/cot_conclusion_exact": "conclusion EM",
 }
-PERCENT = {"val_full/cot_caption_exact", "val_full/cot_conclusion_exact"}
+PERCENT = {"val_full/cot_caption_exact", "val_full/cot_caption_f1", "val_full/cot_conclusion_exact"}
 
 
 def curve(run: Path) -> list[dict]:
