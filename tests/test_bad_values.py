@@ -5,29 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
 from circot.errors import CircotError
-from retrieval_fakes import tiny_model_dir, write_images
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims ``width`` × ``height`` pixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
+from retrieval_fakes import png_claiming, tiny_model_dir, write_images
 
 
 def one_error_line(err: str) -> str:

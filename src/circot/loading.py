@@ -175,14 +175,7 @@ def build_tiny(
     tokenizer: Any = None,
     **overrides: Any,
 ) -> Any:
-    """A random tiny Qwen2-VL (or ``model_type="qwen2_5_vl"``) with a BPE tokenizer trained on a corpus.
-
-    ``tokenizer_corpus`` defaults to the shapes world's :func:`circot.data.shapes.corpus`. ``overrides``: keys
-    of :data:`TINY_DEFAULTS` (architecture) or fields of :class:`CIRCoTConfig`. Images are resized to a fixed
-    ``image_size``² pixels (16 image tokens at 112 px with patch 14, merge 2). ``tokenizer``: use this
-    tokenizer (e.g. the real Qwen BPE, :func:`circot.tokenizer.qwen_tokenizer_from_tiktoken`) instead of
-    training one.
-    """
+    """What :meth:`circot.model.CIRCoT.tiny` does (its docstring has the options)."""
     from dataclasses import fields
 
     cfg_names = {f.name for f in fields(CIRCoTConfig)}
@@ -224,13 +217,7 @@ def load_pretrained(
     config: CIRCoTConfig | None = None,
     **overrides: Any,
 ) -> Any:
-    """Load a circot model directory, or start from a Qwen2-VL / Qwen2.5-VL checkpoint (hub id or path).
-
-    ``None`` or ``"shapes-tiny"``: the tiny shapes model shipped in the package. A circot directory (with
-    ``circot_config.json``) holds full weights or a LoRA adapter over ``base_model``. A plain checkpoint gets
-    circot's tokens added (embeddings resized) and a new config (``config`` / ``overrides``, e.g.
-    ``lora=LoRASettings()``). ``dtype``: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype.
-    """
+    """What :meth:`circot.model.CIRCoT.from_pretrained` does (its docstring has the options)."""
     torch_dtype = _resolve_dtype(dtype)
     if id_or_path is None or str(id_or_path) == DEFAULT_MODEL:
         path = default_model_path()
@@ -317,14 +304,7 @@ def save_pretrained(
     results: dict[str, Any] | None = None,
     storage_dtype: str | torch.dtype | None = None,
 ) -> Path:
-    """Write a model-describing model directory atomically.
-
-    Contents: ``circot_config.json`` (with library versions), ``config.json`` + ``model.safetensors`` (full
-    weights) or ``adapter_config.json`` + ``adapter_model.safetensors`` (LoRA + circot token rows), tokenizer
-    and image-processor files, and a ``README.md`` model card (``results``: metrics to list in it).
-    ``storage_dtype`` (e.g. ``"fp16"``): store the floating-point weights in that type; the config then
-    records the dtype they are used in, which :meth:`from_pretrained` restores when given no dtype.
-    """
+    """What :meth:`circot.model.CIRCoT.save_pretrained` does (its docstring lists the files)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     store = _resolve_dtype(storage_dtype)

@@ -412,18 +412,7 @@ class CIRCoT(nn.Module):
     def _decode_steps(
         self, seq: _Seqs, image_out: Any, max_new: int, embed: dict[str, torch.Tensor] | None = None
     ) -> Iterator[torch.Tensor]:
-        """Greedy (or sampled) decoding with the KV cache; yields the (b,) next tokens until all rows stop.
-
-        The prompt is prefilled by the transformers model; the one-token steps run through
-        :class:`_LeanDecoder` (same modules and weights, without transformers' per-call machinery) when the
-        text decoder allows it, else through the transformers forward.
-
-        ``embed``: a dict that receives ``"hidden"`` (b, hidden), each row's last-layer state at its closing
-        ``<emb>`` (or just before it, by the extraction rule) — the state a forward over prompt + answer would
-        give there, with the answer closed as :func:`circot.prompts.close_with_emb` closes it: a row that stops
-        gets ``<emb>`` fed in place of its stop token, and a row that runs out of tokens gets it fed after its
-        last one. So full mode needs no second forward.
-        """
+        """The decoding loop of full mode: :func:`circot.generation.decode_steps` (its docstring has the details)."""
         return decode_steps(self, seq, image_out, max_new, embed)
 
     # ------------------------------------------------------------------ inference

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import struct
 import threading
 import time
-import zlib
 
 from PIL import Image, ImageDraw
+
+from retrieval_fakes import png_claiming  # noqa: F401  (re-exported for the serve tests)
 
 CORPUS = [
     "a small red circle left of a big blue square",
@@ -48,21 +48,6 @@ def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG file whose header claims ``width`` × ``height`` pixels (a decompression bomb's header)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
-        + chunk(b"IEND", b"")
-    )
 
 
 class GuardedModel:

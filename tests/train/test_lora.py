@@ -7,19 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from train_helpers import TINY
 
 from circot.model import CIRCoT
 from circot.train.config import TrainConfig
 from circot.train.trainer import Trainer
 
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "vision_depth": 1,
-    "vision_embed_dim": 64,
-    "max_cot_tokens": 8,
-}
 LAYER0 = "model.base_model.model.model.language_model.layers.0."
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import yaml
+from train_helpers import TINY
 
 from circot.errors import ConfigError, DataError
 from circot.train.config import TrainConfig
@@ -20,15 +21,6 @@ from circot.train.perception import (
     scene_labels,
 )
 from circot.train.trainer import Trainer, _length_groups
-
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "vision_depth": 1,
-    "vision_embed_dim": 64,
-    "max_cot_tokens": 8,
-}
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+from train_helpers import TINY
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +27,7 @@ def _config(tmp_path, world, run: str, **extra) -> tuple:
         "num_threads": 1,
         "model": {
             "init": "tiny",
-            "overrides": {
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "vision_depth": 1,
-                "vision_embed_dim": 64,
-                "max_cot_tokens": 8,
-            },
+            "overrides": dict(TINY),
         },
         "data": {"dataset": "shapes", "root": str(world)},
         "optim": {"batch_size": 8},
