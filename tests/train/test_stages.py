@@ -365,3 +365,36 @@ def test_cached_tower_outputs_keep_their_grids_and_respect_the_budget(tmp_path, 
         torch.testing.assert_close(tr.model.embed_batch(cached)[0], tr.model.embed_batch(plain)[0])
     assert torch.equal(cached["image_grid_thw"], plain["image_grid_thw"])
     assert 0 < tr._vision_cache_bytes <= 0.005e6 and 0 < len(tr._vision_cache) < 3
+
+
+@pytest.mark.parametrize("freeze", [[], FROZEN])
+def test_grad_cache_chunks_give_the_plain_batch_gradient(tmp_path, world, freeze):
+    """optim.contrastive_chunk: forwards of 3 rows, the gradient (and losses) of the whole batch of 8."""
+    stages = [
+        {"name": "cot", "mode": "full", "steps": 2, "lr": 1e-3, "fast_fraction": 0.25, "steer_prob": 0.25,
+         "freeze": freeze}
+    ]  # fmt: skip
+    tr = _trainer(_cfg(tmp_path, world, stages, loss={"hard_negatives": 1, "symmetric": True}))
+    batch = {"index": list(range(8)), "example": tr.examples[:8]}
+    params = [(n, p) for n, p in tr.model.named_parameters() if p.requires_grad]
+
+    def grads(chunk):
+        tr.cfg.optim.contrastive_chunk = chunk
+        tr.optimizer.zero_grad(set_to_none=True)
+        losses = tr._micro_step(batch, tr.cfg.stages[0], random.Random(5), scale=1.0)
+        done = losses.pop("backward_done", None) is not None
+        assert done == (chunk is not None)  # the chunked step backpropagates by itself
+        if not done:
+            tr.accelerator.backward(losses["total"])
+        return {k: float(v) for k, v in losses.items()}, {
+            n: p.grad.clone() for n, p in params if p.grad is not None
+        }
+
+    plain_losses, plain = grads(None)
+    chunked_losses, chunked = grads(3)
+    assert chunked_losses.keys() == plain_losses.keys()
+    for k in plain_losses:
+        assert chunked_losses[k] == pytest.approx(plain_losses[k], rel=1e-5)
+    assert plain.keys() == chunked.keys() and len(plain) > 10
+    for n in plain:
+        torch.testing.assert_close(chunked[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)

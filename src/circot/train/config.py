@@ -93,6 +93,9 @@ class OptimSection:
     length_groups: int = 1
     # memory kept for the frozen vision tower's outputs (per process, on the training device)
     vision_cache_mb: float = 2048.0
+    # GradCache: at most this many rows per forward in a contrastive step, the gradient of the whole batch
+    # (large contrastive batches on limited memory; LamRA forwards in chunks of 32); None = one forward
+    contrastive_chunk: int | None = None
 
 
 @dataclass
@@ -210,6 +213,8 @@ class TrainConfig:
             ):
                 if not 0.0 <= getattr(st, name) <= 1.0:
                     raise ConfigError(f"{where}.{name} must be in [0, 1]")
+        if self.optim.contrastive_chunk is not None and self.optim.contrastive_chunk < 1:
+            raise ConfigError("optim.contrastive_chunk must be >= 1 (or null)")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.length_groups < 1:
             raise ConfigError("optim.batch_size, optim.grad_accum and optim.length_groups must be >= 1")
         if self.model.text_attention not in (None, "eager", "sdpa"):

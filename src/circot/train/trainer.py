@@ -159,6 +159,45 @@ def _length_groups(rows: list[int], lengths: list[int], groups: int) -> list[lis
     return [ranked[k : k + size] for k in range(0, len(ranked), size)]
 
 
+def _in_batch_order(q_emb: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """Query embeddings computed in the order ``order`` (full groups, then fast rows) back in batch order."""
+    perm = torch.as_tensor(order, device=q_emb.device)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(order), device=q_emb.device)
+    return q_emb[inv]
+
+
+def _row_chunks(n: int, size: int) -> list[range]:
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _take_rows(batch: dict[str, torch.Tensor], rows: range, model: Any) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` of a built batch, with their images' pixels (or cached features)."""
+    grids = batch["image_grid_thw"]
+    out = {
+        k: batch[k][rows.start : rows.stop] for k in ("input_ids", "attention_mask", "labels") if k in batch
+    }
+    out["position_ids"] = batch["position_ids"][:, rows.start : rows.stop]
+    out["image_grid_thw"] = grids[rows.start : rows.stop]
+    per_image = grids.prod(-1)
+    for key, div in (("pixel_values", 1), ("image_features", model.images.merge_size**2)):
+        if key in batch:
+            ends = torch.cumsum(per_image // div, 0).tolist()
+            starts = [0, *ends[:-1]]
+            out[key] = batch[key][starts[rows.start] : ends[rows.stop - 1]]
+    return out
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def _digest(module: nn.Module) -> str:
     """A short hash of a module's weights (two runs log the same one when they share, say, a vision tower)."""
     import hashlib
@@ -467,8 +506,11 @@ class Trainer:
         return {"perception": loss, "total": loss}
 
     def _micro_step(
-        self, batch: dict[str, list[Any]], stage: StageSection, rng: random.Random
+        self, batch: dict[str, list[Any]], stage: StageSection, rng: random.Random, scale: float | None = None
     ) -> dict[str, torch.Tensor]:
+        """The losses of one micro-batch (``total`` to backpropagate). With ``optim.contrastive_chunk`` and a
+        ``scale`` (the factor of the backward, 1 / grad_accum), the step backpropagates by itself in chunks and
+        says so with a ``backward_done`` entry."""
         model = self.model
         examples: list[Example] = list(batch["example"])
         indices: list[int] = batch["index"]
@@ -547,27 +589,15 @@ class Trainer:
             built.append(model.build_batch(images, mode="gallery", image_features=self._image_inputs(images)))
         device = self.accelerator.device
         built = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in built]
+        if contrastive and self.cfg.optim.contrastive_chunk and scale is not None:
+            return self._grad_cache_step(built, n_query, n_full, order, examples, stage, use_hard, scale)
         with self.accelerator.autocast():
             outs = self.forward(built)
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device)
         if contrastive:
-            q_emb = torch.cat([outs[j][0] for j in range(n_query)], dim=0)
-            perm = torch.as_tensor(order, device=q_emb.device)
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(len(order), device=q_emb.device)
-            q_emb = q_emb[inv]  # back to batch order
-            gallery = outs[n_query][0]
-            t_emb = gallery[:n]
-            keys = torch.as_tensor([e.target_key for e in examples], device=q_emb.device)
-            hard = mask = None
-            if use_hard:
-                # every reference of the batch (the "edit not applied" near miss) is a negative of every query,
-                # unless it shows the query's target scene (identity rows, or a reference equal to a target)
-                hard = gallery[n:]
-                ref_keys = torch.as_tensor([e.reference_key for e in examples], device=q_emb.device)
-                mask = keys[:, None] != ref_keys[None, :]
-            info = self.info_nce(q_emb, t_emb, target_keys=keys, hard_negatives=hard, hard_mask=mask)
+            q_emb = _in_batch_order(torch.cat([outs[j][0] for j in range(n_query)], dim=0), order)
+            info = self._contrastive(q_emb, outs[n_query][0], examples, use_hard)
             # every process computes the loss of the global batch but backpropagates its own rows only; DDP
             # averages gradients over processes, so scaling by the process count gives the global gradient.
             losses["info_nce"] = info
@@ -577,6 +607,73 @@ class Trainer:
             losses["cot_ce"] = ce
             total = total + stage.lambda_txt * ce
         losses["total"] = total
+        return losses
+
+    def _contrastive(
+        self, q_emb: torch.Tensor, gallery: torch.Tensor, examples: list[Example], use_hard: bool
+    ) -> torch.Tensor:
+        """InfoNCE of the batch: ``gallery`` holds the targets' embeddings, then (``use_hard``) the references'."""
+        n = len(examples)
+        keys = torch.as_tensor([e.target_key for e in examples], device=q_emb.device)
+        hard = mask = None
+        if use_hard:
+            # every reference of the batch (the "edit not applied" near miss) is a negative of every query,
+            # unless it shows the query's target scene (identity rows, or a reference equal to a target)
+            hard = gallery[n:]
+            ref_keys = torch.as_tensor([e.reference_key for e in examples], device=q_emb.device)
+            mask = keys[:, None] != ref_keys[None, :]
+        return self.info_nce(q_emb, gallery[:n], target_keys=keys, hard_negatives=hard, hard_mask=mask)
+
+    def _grad_cache_step(
+        self,
+        built: list[dict[str, torch.Tensor]],
+        n_query: int,
+        n_full: int,
+        order: list[int],
+        examples: list[Example],
+        stage: StageSection,
+        use_hard: bool,
+        scale: float,
+    ) -> dict[str, torch.Tensor]:
+        """The same gradient as the plain step, with at most ``optim.contrastive_chunk`` rows per forward
+        (GradCache, Gao et al. 2021): embed every chunk without gradients, take the loss's gradient with respect
+        to the embeddings, then run each chunk again with gradients and backpropagate its share. The random
+        state of each chunk's first pass is replayed in its second (dropout). Runs the backward itself."""
+        size = int(self.cfg.optim.contrastive_chunk)
+        pieces = [(j, r) for j, b in enumerate(built) for r in _row_chunks(b["input_ids"].shape[0], size)]
+        states, parts = [], {}
+        with torch.no_grad(), self.accelerator.autocast():
+            for j, rows in pieces:
+                states.append(_rng_state())
+                chunk = {k: v for k, v in _take_rows(built[j], rows, self.model).items() if k != "labels"}
+                parts.setdefault(j, []).append(self.forward([chunk])[0][0].float())
+        leaves = [torch.cat(parts[j]).requires_grad_() for j in range(len(built))]
+        q_emb = _in_batch_order(torch.cat(leaves[:n_query]), order)
+        info = self._contrastive(q_emb, leaves[n_query], examples, use_hard)
+        (stage.lambda_info * info * self.accelerator.num_processes).backward()
+        ce_tokens = sum(int((built[j]["labels"][:, 1:] != IGNORE_INDEX).sum()) for j in range(n_full))
+        ce_sum = torch.zeros((), device=info.device)
+        for i, (j, rows) in enumerate(pieces):
+            _set_rng_state(states[i])
+            chunk = _take_rows(built[j], rows, self.model)
+            with self.accelerator.autocast():
+                emb, logits = self.forward([chunk])[0]
+            surrogate = (emb.float() * leaves[j].grad[rows.start : rows.stop]).sum()
+            if j < n_full and stage.lambda_txt > 0 and logits is not None and ce_tokens:
+                part = self.cross_entropy.over_batches([(logits, chunk["labels"])])
+                n_tok = int((chunk["labels"][:, 1:] != IGNORE_INDEX).sum())
+                surrogate = surrogate + stage.lambda_txt * part * n_tok / ce_tokens
+                ce_sum = ce_sum + part.detach() * n_tok
+            ctx = self.accelerator.no_sync(self.forward) if i < len(pieces) - 1 else _null()
+            with ctx:
+                self.accelerator.backward(surrogate * scale)
+        losses = {"info_nce": info.detach()}
+        total = stage.lambda_info * info.detach() * self.accelerator.num_processes
+        if n_full and stage.lambda_txt > 0:
+            losses["cot_ce"] = ce_sum / max(1, ce_tokens)
+            total = total + stage.lambda_txt * losses["cot_ce"]
+        losses["total"] = total
+        losses["backward_done"] = torch.ones(())
         return losses
 
     # -- logging -------------------------------------------------------------------------------------------------
@@ -694,8 +791,9 @@ class Trainer:
                     if stage.mode == "perception":
                         losses = self._perception_step(step * accum + micro)
                     else:
-                        losses = self._micro_step(batch, stage, rng)
-                    self.accelerator.backward(losses["total"] / accum)
+                        losses = self._micro_step(batch, stage, rng, scale=1.0 / accum)
+                    if losses.pop("backward_done", None) is None:
+                        self.accelerator.backward(losses["total"] / accum)
                 for k, v in losses.items():
                     running[k] = running.get(k, 0.0) + float(v.detach()) / accum
             if cfg.optim.max_grad_norm:
