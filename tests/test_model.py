@@ -416,12 +416,17 @@ def test_full_mode_takes_emb_from_the_decoding_loop_like_a_second_forward(model,
     np.testing.assert_allclose(single, want, atol=1e-4)
 
 
-def test_shipped_model_full_mode_closing_state_matches_a_second_forward(images):
-    """The shipped model writes <emb> itself at different steps per row."""
+def test_shipped_model_full_mode_closing_state_matches_a_second_forward(tmp_path):
+    """On shapes scenes the shipped model writes <emb> itself, at different steps per row of a padded batch."""
+    from circot.data import shapes
+
+    split = shapes.load(shapes.generate(tmp_path, seed=11, n_train=0, n_val=4, n_test=0, n_novel=0), "val")
+    refs = [split.image_path(q.reference) for q in split.queries[:4]]
+    texts = [q.text for q in split.queries[:4]]
     model = CIRCoT.from_pretrained(None)
-    want = _decode_then_pool(model, images, TEXTS)
-    emb, cots = model.encode_queries(images, TEXTS, mode="full", batch_size=4, return_reasoning=True)
-    assert any(c.well_formed for c in cots)
+    want = _decode_then_pool(model, refs, texts)
+    emb, cots = model.encode_queries(refs, texts, mode="full", batch_size=4, return_reasoning=True)
+    assert all(c.well_formed for c in cots) and len({len(c.token_ids) for c in cots}) > 1
     np.testing.assert_allclose(emb, want, atol=1e-4)
 
 
