@@ -153,15 +153,8 @@ def _embed_queries_cached(
         if keys:
             for i, c, new in zip(rows, q.cots, q.generated, strict=True):
                 if new and c is not None:
-                    pending[keys[i]] = {
-                        "caption": c.caption,
-                        "reasoning": c.reasoning,
-                        "conclusion": c.conclusion,
-                        "well_formed": c.well_formed,
-                        "problems": list(c.problems),
-                        "raw": c.raw,
-                        "token_ids": c.token_ids,  # so that a cached CoT embeds exactly as when generated
-                    }
+                    # with its token ids, so that a cached CoT embeds exactly as when generated
+                    pending[keys[i]] = {**c.to_dict(), "token_ids": c.token_ids}
             if len(pending) >= flush_every:
                 cache.put(pending)  # type: ignore[union-attr]
                 pending = {}

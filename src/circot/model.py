@@ -177,10 +177,7 @@ class CIRCoT(nn.Module):
         cfg.pop("gradient_checkpointing", None)  # a training switch; embeddings do not depend on it
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
-        for name, tensor in sorted(self.model.state_dict().items()):
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        hash_weights(h, self.model)
         digest = h.hexdigest()[:16]
         self._fingerprint = (version, digest)
         return digest
@@ -440,15 +437,14 @@ class CIRCoT(nn.Module):
             prompt_ids = self._prompt_ids("full", texts, n_img)
             pooled = {}
             given = [i for i in range(n) if cots is not None and cots[i] is not None]
+            # a generated CoT handed back embeds from its own tokens, any other from its text
             as_text = [i for i in given if not getattr(cots[i], "token_ids", None)]  # type: ignore[index]
-            texts_ids = (
-                dict(zip(as_text, self._answer_ids([cots[i] for i in as_text]), strict=True))
-                if as_text
-                else {}
-            )  # type: ignore[index,misc]
+            answers = {}
+            if as_text:
+                answers = dict(zip(as_text, self._answer_ids([cots[i] for i in as_text]), strict=True))  # type: ignore[index,misc]
             for i in given:
                 c = cots[i]  # type: ignore[index]
-                answer = texts_ids[i] if i in texts_ids else list(c.token_ids)  # type: ignore[union-attr]
+                answer = answers[i] if i in answers else list(c.token_ids)  # type: ignore[union-attr]
                 pooled[i] = prompt_ids[i] + answer + [self.emb_token_id]
                 parsed[i] = prompts.parse_cot(prompts.format_cot(c)) if isinstance(c, dict) else c
             todo = [i for i in range(n) if i not in pooled]
@@ -655,6 +651,15 @@ class CIRCoT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def hash_weights(h: Any, module: nn.Module) -> Any:
+    """Feed every tensor of ``module``'s state dict (name, dtype, shape, bytes; sorted by name) into hash ``h``."""
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
+
+
 def _clean_cot(cot: CoT | dict[str, str]) -> dict[str, str]:
     """A CoT's fields with any special-token strings removed (the tags are added back by format_cot)."""
     get = cot.get if isinstance(cot, dict) else lambda k, d="": getattr(cot, k, d)

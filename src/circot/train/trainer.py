@@ -202,11 +202,9 @@ def _digest(module: nn.Module) -> str:
     """A short hash of a module's weights (two runs log the same one when they share, say, a vision tower)."""
     import hashlib
 
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    from circot.model import hash_weights
+
+    return hash_weights(hashlib.sha256(), module).hexdigest()[:16]
 
 
 def _resolve_precision(name: str) -> str:
@@ -407,7 +405,6 @@ class Trainer:
         self._vision_cache: dict[str, tuple[torch.Tensor, list[int]]] = {}
         self._vision_cache_bytes = 0
         self._vision_frozen = False
-        self._groups = self.cfg.optim.length_groups
         params = [p for p in self.forward.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -558,7 +555,9 @@ class Trainer:
         built: list[dict[str, torch.Tensor]] = []
         order: list[int] = []
         n_full = 0
-        for rows in _length_groups(full_rows, [len(format_cot(cots[i])) for i in full_rows], self._groups):
+        for rows in _length_groups(
+            full_rows, [len(format_cot(cots[i])) for i in full_rows], self.cfg.optim.length_groups
+        ):
             b = model.build_batch(
                 [refs[i] for i in rows],
                 [examples[i].text for i in rows],
@@ -858,12 +857,14 @@ class Trainer:
             if name not in self._trainable:
                 continue
             p.requires_grad_(not any(name.startswith(prefix) for prefix in st.freeze))
-        self._vision_cache.clear()
-        self._vision_cache_bytes = 0
         # a deep-stack tower (Qwen3-VL) feeds more than its merged tokens: it runs, without gradients, every step
+        was_frozen = self._vision_frozen
         frozen = not any(p.requires_grad for p in self.model.hf.model.visual.parameters())
         self._vision_frozen = frozen and not self.model.has_deepstack
-        if self._vision_frozen:
+        if not self._vision_frozen:  # the tower may change: what was cached is stale
+            self._vision_cache.clear()
+            self._vision_cache_bytes = 0
+        elif not was_frozen:  # cached outputs stay valid over consecutive frozen stages
             logger.info(
                 "vision tower frozen (weights %s): its outputs are cached per training image",
                 _digest(self.model.hf.model.visual),
