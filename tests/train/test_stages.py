@@ -171,6 +171,16 @@ def test_text_attention_is_checked():
         TrainConfig.from_dict({"model": {"text_attention": "flash"}})
 
 
+@pytest.mark.parametrize(
+    "optim, field",
+    [({"vision_cache_mb": -1}, "vision_cache_mb"), ({"contrastive_chunk": 0}, "contrastive_chunk"),
+     ({"length_groups": 0}, "length_groups")],
+)  # fmt: skip
+def test_new_optim_fields_are_checked(optim, field):
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig.from_dict({"optim": optim})
+
+
 # ----------------------------------------------------------------------------------------------- frozen vision
 def test_cached_features_embed_like_pixels(tmp_path, world):
     from circot.model import CIRCoT

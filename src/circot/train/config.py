@@ -213,6 +213,8 @@ class TrainConfig:
             ):
                 if not 0.0 <= getattr(st, name) <= 1.0:
                     raise ConfigError(f"{where}.{name} must be in [0, 1]")
+        if self.optim.vision_cache_mb < 0:
+            raise ConfigError("optim.vision_cache_mb must be >= 0")
         if self.optim.contrastive_chunk is not None and self.optim.contrastive_chunk < 1:
             raise ConfigError("optim.contrastive_chunk must be >= 1 (or null)")
         if self.optim.batch_size < 1 or self.optim.grad_accum < 1 or self.optim.length_groups < 1:
