@@ -105,6 +105,31 @@ def test_resume_continues_from_the_saved_step(cli, tmp_path, world, straight_run
     assert a == pytest.approx(b, rel=1e-4)
 
 
+def test_resume_appends_stages_and_refuses_a_changed_recipe(cli, tmp_path, world, straight_run):
+    first = [{"name": "align", "mode": "fast", "steps": 4, "lr": 3e-3}]
+    path, run_dir = _config(tmp_path, world, "grown", stages=first)
+    code, out, err = cli("train", "--config", path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 4 and (run_dir / "model").exists()
+    # the same run with a changed recipe is refused, and the run is left as it was
+    changed, _ = _config(tmp_path, world, "grown", optim={"batch_size": 4})
+    code, _, err = cli("train", "--config", changed, "--resume")
+    assert code != 0 and "optim differs" in err
+    assert len(yaml.safe_load((run_dir / "config.yaml").read_text())["stages"]) == 1
+    # appending a stage continues the finished run: the two-stage run of one go, step for step
+    full, _ = _config(tmp_path, world, "grown")
+    code, out, err = cli("train", "--config", full, "--resume", "--json")
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 10
+    assert [s["name"] for s in yaml.safe_load((run_dir / "config.yaml").read_text())["stages"]] == [
+        "align",
+        "cot",
+    ]
+    a = [r["train/total"] for r in _metrics(run_dir) if "train/total" in r]
+    b = [r["train/total"] for r in _metrics(straight_run[3]) if "train/total" in r]
+    assert a == pytest.approx(b, rel=1e-4)
+
+
 def test_captioning_stage_trains_on_identity_rows_without_the_contrastive_loss(cli, tmp_path, world):
     stages = [
         {"name": "see", "mode": "full", "steps": 6, "lr": 3e-3, "lambda_info": 0.0, "identity_prob": 1.0},

@@ -35,7 +35,7 @@ from circot.data import load_split
 from circot.data.records import CIRSplit
 from circot.errors import ConfigError, DataError
 from circot.prompts import CoT, format_cot
-from circot.train.config import StageSection, TrainConfig, atomic_write_text
+from circot.train.config import StageSection, TrainConfig, atomic_write_text, load_config
 from circot.train.data import (
     IDENTITY_REASONING,
     IDENTITY_TEXT,
@@ -308,6 +308,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.resume = resume
+        self._extends = False
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.accelerator = Accelerator(
@@ -328,10 +329,32 @@ class Trainer:
         if self.resume:
             if not existing.exists():
                 raise ConfigError(f"--resume: {self.run_dir} holds no run (no config.yaml)")
+            self._check_resumed_config(existing)
         elif latest_checkpoint(self.run_dir) is not None or (self.run_dir / FINAL_MODEL).exists():
             raise ConfigError(
                 f"run_dir {str(self.run_dir)!r} already holds a run; use --resume or another run_dir"
             )
+
+    def _check_resumed_config(self, existing: Path) -> None:
+        """A resumed run may change how it is run (threads, logging, stop_after) and append stages; what the
+        steps already taken depended on must stay as it was."""
+        stored = load_config(existing).to_dict()
+        given = self.cfg.to_dict()
+        for key in ("seed", "model", "data", "optim", "loss"):
+            if stored.get(key) != given.get(key):
+                raise ConfigError(
+                    f"--resume: {key} differs from the run's own {existing}; a resumed run keeps what its steps"
+                    " were trained with (start a new run_dir instead)"
+                )
+        old, new = stored["stages"], given["stages"]
+        if new[: len(old)] != old:
+            pairs = enumerate(zip(old, new, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(old), len(new)))
+            raise ConfigError(
+                f"--resume: stages[{at}] differs from the run's own {existing}; a resumed run may only append"
+                " stages after the ones it was started with"
+            )
+        self._extends = len(new) > len(old)
 
     def _load_data(self) -> None:
         cfg = self.cfg.data
@@ -730,7 +753,7 @@ class Trainer:
         self._wall_before = 0.0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume:
+            if not self.resume or self._extends:
                 cfg.save(self.run_dir / "config.yaml")
         self.accelerator.wait_for_everyone()
         self._load_data()
