@@ -209,6 +209,104 @@ def build_tiny(
     return cls(model, tokenizer, image_processor, config)
 
 
+def build_from_config(
+    cls: type,
+    hf_config: str | Path | dict[str, Any],
+    dtype: str | torch.dtype | None = "bfloat16",
+    image_size: int = 224,
+    seed: int = 0,
+    tokenizer: Any = None,
+    **overrides: Any,
+) -> Any:
+    """What :meth:`circot.model.CIRCoT.from_config` does (its docstring has the options)."""
+    import json
+
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    source = str(hf_config) if not isinstance(hf_config, dict) else "the given config"
+    if not isinstance(hf_config, dict):
+        try:
+            hf_config = json.loads(Path(hf_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{source}: cannot read a model config ({exc})") from None
+    data = dict(hf_config)
+    model_type = data.pop("model_type", None)
+    cls_model = _model_class(str(model_type))
+    if tokenizer is None:
+        from circot.data.shapes import corpus as shapes_corpus
+
+        tokenizer = train_bpe_tokenizer(shapes_corpus(), vocab_size=TINY_DEFAULTS["vocab_size"])
+    else:
+        add_circot_tokens(tokenizer)
+    ids = tokenizer.get_vocab()
+    # the published shapes, with this tokenizer's ids for the tokens the model reads
+    data.update(
+        image_token_id=ids[prompts.IMAGE_PAD],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids[prompts.VISION_START],
+        vision_end_token_id=ids[prompts.VISION_END],
+    )
+    specials = {
+        "bos_token_id": ids[prompts.PAD_TOKEN],
+        "eos_token_id": ids[prompts.IM_END],
+        "pad_token_id": ids[prompts.PAD_TOKEN],
+    }
+    data.update(specials)
+    if isinstance(data.get("text_config"), dict):
+        data["text_config"] = {**data["text_config"], **specials}
+    config = AutoConfig.for_model(model_type, **data)
+    text = config.get_text_config()
+    if len(tokenizer) > text.vocab_size:
+        raise ConfigError(
+            f"{source}: vocab_size {text.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
+        )
+    torch_dtype = _resolve_dtype(dtype) or torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with no_init_weights():  # allocated, not initialised: filled below at memcpy speed
+            hf = cls_model(config)
+    finally:
+        torch.set_default_dtype(previous)
+    _fill_random(hf, seed, float(getattr(text, "initializer_range", 0.02)))
+    hf.tie_weights()
+    hf.eval()
+    vision = config.vision_config
+    pixels = image_size * image_size
+    cfg = CIRCoTConfig(
+        base_model=source, model_type=str(model_type), min_pixels=pixels, max_pixels=pixels, **overrides
+    )
+    image_processor = make_image_processor(
+        pixels, pixels, vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    )
+    self = cls(hf, tokenizer, image_processor, cfg)
+    if cfg.lora is not None:
+        self.enable_lora(cfg.lora)
+    return self
+
+
+def _fill_random(model: nn.Module, seed: int, std: float) -> None:
+    """Random weights without a random draw per element: matrices tile one normal(0, std) pool (its length is
+    prime, so rows do not repeat in step); norm weights are one, biases zero."""
+    gen = torch.Generator().manual_seed(seed)
+    pool_len = 1_048_573
+    with torch.no_grad():
+        pool = torch.randn(pool_len, generator=gen).mul_(std)
+        for name, p in model.named_parameters():
+            flat = p.view(-1)
+            if p.dim() == 1:
+                flat.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                continue
+            src = pool.to(p.dtype)
+            for start in range(0, flat.numel(), pool_len):
+                n = min(pool_len, flat.numel() - start)
+                flat[start : start + n].copy_(src[:n])
+        for name, b in model.named_buffers():  # computed in __init__ (rotary frequencies), never left empty
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                raise CircotError(f"buffer {name} is not finite after building the model")
+
+
 def load_pretrained(
     cls: type,
     id_or_path: str | Path | None = None,

@@ -115,6 +115,27 @@ class CIRCoT(nn.Module):
         return loading.build_tiny(cls, tokenizer_corpus, image_size, seed, vocab_size, tokenizer, **overrides)
 
     @classmethod
+    def from_config(
+        cls,
+        hf_config: str | Path | dict[str, Any],
+        dtype: str | torch.dtype | None = "bfloat16",
+        image_size: int = 224,
+        seed: int = 0,
+        tokenizer: Any = None,
+        **overrides: Any,
+    ) -> CIRCoT:
+        """A backbone of a real checkpoint's exact shape with random weights, from its ``config.json`` (a path or
+        dict; ``configs/backbones/`` holds the published ones): for measuring memory and speed at real size
+        without downloading anything.
+
+        The tokenizer defaults to the shapes world's small BPE (the embedding keeps the config's vocabulary
+        size); the config's image-token ids are replaced by the tokenizer's. Weights are allocated in ``dtype``
+        and filled from one random pool (seeded, so the same call gives the same weights). Images are resized to
+        ``image_size``² pixels. ``overrides``: fields of :class:`CIRCoTConfig` (``lora``, ``max_cot_tokens``...).
+        """
+        return loading.build_from_config(cls, hf_config, dtype, image_size, seed, tokenizer, **overrides)
+
+    @classmethod
     def from_pretrained(
         cls,
         id_or_path: str | Path | None = None,
