@@ -231,3 +231,51 @@ def test_two_processes_eval_and_index_build_equal_one_process(world, model, tmp_
     assert a.ids == b.ids and a.paths == b.paths and len(a) > 10
     np.testing.assert_allclose(a.vectors(), b.vectors(), atol=1e-5)
     assert not (tmp_path / ".ix2.shards").exists()
+
+
+def test_sharded_build_keeps_the_reasons_of_skipped_images(tmp_path, monkeypatch):
+    """An image that rank 1 could not read is left out of rank 0's index with rank 1's reason."""
+    from circot.gallery import build_index
+    from retrieval_fakes import FakeEncoder
+
+    class Strict(FakeEncoder):
+        def encode_images(self, images, batch_size=32, show_progress_bar=False):
+            from PIL import Image
+
+            for p in images:
+                Image.open(p).load()
+            return super().encode_images(images)
+
+    write_images(tmp_path / "g", 6)
+    (tmp_path / "g" / "zz-bad.png").write_bytes(b"not an image")  # sorts last: in rank 1's shard
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    kw = dict(use_cache=False, skip_bad=True)
+    assert build_index(Strict(), tmp_path / "g", tmp_path / "ix", **kw) is None
+    monkeypatch.setenv("RANK", "0")
+    index = build_index(Strict(), tmp_path / "g", tmp_path / "ix", **kw)
+    assert len(index) == 6 and "zz-bad.png" not in index
+    (reason,) = index.skipped.values()
+    assert "cannot identify image file" in reason
+    report = json.loads((tmp_path / "ix" / "skipped.json").read_text())
+    assert [r["id"] for r in report] == ["zz-bad.png"] and report[0]["reason"] == reason
+
+
+def test_sharded_build_without_out_folder(tmp_path, monkeypatch):
+    """Without an index folder the ranks still meet in one work folder (named after the image list)."""
+    from circot.gallery import build_index, list_images
+    from retrieval_fakes import FakeEncoder
+
+    write_images(tmp_path / "g", 5)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(os, "getpid", lambda r=rank: 4000 + int(r))  # ranks are other processes
+        index = build_index(FakeEncoder(), tmp_path / "g", cache_dir=tmp_path / "cache")
+        if rank == "1":
+            (work,) = (tmp_path / "cache" / "work").iterdir()
+            assert "4001" not in work.name and len(list(work.glob("gallery-*.npz"))) == 1
+    np.testing.assert_allclose(
+        index.vectors(), FakeEncoder().encode_images(list_images(tmp_path / "g")[1]), atol=1e-6
+    )
+    assert not any((tmp_path / "cache" / "work").iterdir())
