@@ -200,11 +200,13 @@ def encode_cached(
     batch_size: int = 32,
     flush_every: int = 1024,
     progress: bool = False,
+    stats: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Embeddings of ``items`` (float32, (n, d)), encoding only cache misses, in batches of ``batch_size``.
 
     New embeddings are written to the cache every ``flush_every`` items, so an interrupted run loses at most
-    that much work and a re-run resumes from the cache. Duplicate keys are encoded once.
+    that much work and a re-run resumes from the cache. Duplicate keys are encoded once. ``stats``: a dict
+    that receives the number of items ``encoded`` and ``cached`` (found in the cache).
     """
     n = len(items)
     if len(keys) != n:
@@ -218,6 +220,8 @@ def encode_cached(
         if not hit[i] and keys[i] not in todo:
             todo[keys[i]] = i
     logger.info("encoding %d of %d images (%d found in the cache)", len(todo), n, int(hit.sum()))
+    if stats is not None:
+        stats.update(encoded=len(todo), cached=int(hit.sum()))
     new: dict[str, np.ndarray] = {}
     pending_keys: list[str] = []
     pending_vecs: list[np.ndarray] = []

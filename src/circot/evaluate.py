@@ -180,6 +180,80 @@ def _cached_cot(entry: dict[str, Any]) -> CoT:
     )
 
 
+def _sharded_embeddings(
+    model: Any,
+    gallery_paths: list[Path],
+    images: list[Path],
+    texts: list[str],
+    mode: str,
+    emb_cache: EmbeddingCache | None,
+    cot_cache: CoTCache | None,
+    batch_size: int,
+    gallery_batch_size: int,
+    work_dir: Path,
+    rank: int,
+    world_size: int,
+    progress: bool,
+    timeout: float,
+) -> tuple[np.ndarray, np.ndarray, list[CoT | None], dict[str, int], dict[str, float]] | None:
+    """This rank's shards of the gallery and of the queries (see :mod:`circot.shard`); on rank 0, once every
+    rank's shards are written: (gallery, queries, cots, cache counts, timings), else None."""
+    from circot.gallery import gallery_shard, merge_gallery_shards
+    from circot.shard import ShardPlan, compute_shard, file_identity, gather, remove_shards
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    gallery_plan = gallery_shard(
+        model, gallery_paths, emb_cache, work_dir, rank, world_size, gallery_batch_size,
+        progress=progress,
+    )  # fmt: skip
+    timings["gallery_s"] = time.perf_counter() - t0
+    plan = ShardPlan.make(
+        "queries",
+        model.fingerprint,
+        [[*file_identity(p), t] for p, t in zip(images, texts, strict=True)],
+        work_dir,
+        rank,
+        world_size,
+        settings={"mode": mode},
+    )
+
+    def compute() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
+        start, end = plan.bounds()
+        if start == end:  # more ranks than queries
+            return np.zeros((0, 0), np.float32), [], {}
+        emb, cots, hits = _embed_queries_cached(
+            model, images[start:end], texts[start:end], mode, cot_cache, batch_size, 256,
+            progress and rank == 0,
+        )  # fmt: skip
+        extras = [None if c is None else {**c.to_dict(), "token_ids": c.token_ids} for c in cots]
+        return emb.reshape(end - start, -1), extras, {"cot_cached": hits, "cot_generated": end - start - hits}
+
+    t0 = time.perf_counter()
+    compute_shard(plan, compute)
+    timings["queries_s"] = time.perf_counter() - t0
+    if rank != 0:
+        logger.info("rank %d: shards written to %s", rank, work_dir)
+        return None
+    t0 = time.perf_counter()
+    gallery_stats: dict[str, int] = {}
+    gallery = merge_gallery_shards(gallery_plan, gallery_paths, timeout, stats=gallery_stats)
+    merged = gather(plan, timeout)
+    timings["wait_s"] = time.perf_counter() - t0
+    assert gallery is not None and merged is not None  # rank 0
+    cots = [None if e is None else _cached_cot(e) for e in merged.extras or [None] * len(texts)]
+    cache_info = {"shards": world_size}
+    if emb_cache is not None:
+        cache_info["gallery_encoded"] = gallery_stats.get("encoded", 0)
+        cache_info["gallery_cached"] = gallery_stats.get("cached", 0)
+    if mode == "full":
+        for k in ("cot_cached", "cot_generated"):
+            cache_info[k] = sum(int(info.get(k, 0)) for info in merged.info["shards"])
+    remove_shards(gallery_plan)
+    remove_shards(plan)
+    return gallery, merged.vectors, cots, cache_info, timings
+
+
 def write_submission(split: CIRSplit, scores: np.ndarray, out_dir: str | Path) -> list[Path]:
     """Test-server files (CIRR, CIRCO) or predictions files (FashionIQ, shapes) for ``scores`` in ``out_dir``."""
     from circot import submission
@@ -208,9 +282,20 @@ def evaluate_split(
     model_ref: str | None = None,
     keep_scores: bool = False,
     progress: bool = False,
-) -> EvaluationReport:
-    """Evaluate ``model`` on a loaded split (see :func:`evaluate`)."""
-    from circot import metrics
+    rank: int | None = None,
+    world_size: int | None = None,
+    work_dir: str | Path | None = None,
+    timeout: float = 24 * 3600.0,
+) -> EvaluationReport | None:
+    """Evaluate ``model`` on a loaded split (see :func:`evaluate`).
+
+    ``rank`` / ``world_size`` (default: from the launcher's environment, see
+    :func:`circot.shard.distributed_context`): with ``world_size > 1`` this process embeds its contiguous
+    shard of the gallery and of the queries into shard files under ``work_dir`` (default: ``work`` in the
+    cache folder; shared by all ranks); rank 0 waits for every shard, merges and scores, the other ranks
+    return None. Shards already written by an earlier run of the same model and inputs are reused.
+    """
+    from circot.shard import distributed_context
 
     if mode not in MODES:
         raise CircotError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -220,10 +305,30 @@ def evaluate_split(
     fp = model.fingerprint
     timings: dict[str, float] = {}
     cache_info: dict[str, int] = {}
+    if rank is None or world_size is None:
+        env_rank, env_world = distributed_context()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
 
     t0 = time.perf_counter()
     gallery_paths = [Path(split.gallery.paths[i]) for i in split.gallery.ids]
     emb_cache = EmbeddingCache(root, fp, dim=getattr(model, "embedding_dim", None)) if use_cache else None
+    images = _query_images(split)
+    texts = [q.text for q in split.queries]
+    if world_size > 1:
+        sharded = _sharded_embeddings(
+            model, gallery_paths, images, texts, mode, emb_cache,
+            CoTCache(root, fp) if use_cache and mode == "full" else None,
+            batch_size, gallery_batch_size, Path(work_dir) if work_dir is not None else root / "work",
+            rank, world_size, progress, timeout,
+        )  # fmt: skip
+        if sharded is None:
+            return None
+        gallery, queries, cots, cache_info, timings = sharded
+        return _finish(
+            split, mode, fp, model_ref, gallery, queries, cots, cache_info, timings, submission_dir,
+            keep_scores,
+        )  # fmt: skip
     before = len(emb_cache) if emb_cache is not None else 0
     gallery = encode_gallery(
         model, gallery_paths, emb_cache, gallery_batch_size, rank=0, world_size=1, progress=progress
@@ -233,8 +338,6 @@ def evaluate_split(
         cache_info["gallery_encoded"] = len(emb_cache) - before
         cache_info["gallery_cached"] = len(gallery_paths) - cache_info["gallery_encoded"]
 
-    images = _query_images(split)
-    texts = [q.text for q in split.queries]
     t0 = time.perf_counter()
     cot_cache = CoTCache(root, fp) if use_cache and mode == "full" else None
     queries, cots, hits = _embed_queries_cached(
@@ -244,6 +347,27 @@ def evaluate_split(
         cache_info["cot_cached"] = hits
         cache_info["cot_generated"] = len(texts) - hits
     timings["queries_s"] = time.perf_counter() - t0
+    return _finish(
+        split, mode, fp, model_ref, gallery, queries, cots, cache_info, timings, submission_dir, keep_scores
+    )
+
+
+def _finish(
+    split: CIRSplit,
+    mode: str,
+    fp: str,
+    model_ref: str | None,
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    cots: list[CoT | None],
+    cache_info: dict[str, int],
+    timings: dict[str, float],
+    submission_dir: str | Path | None,
+    keep_scores: bool,
+) -> EvaluationReport:
+    """Score the query embeddings against the gallery's and make the report."""
+    from circot import metrics
+
     t0 = time.perf_counter()
     scores = queries @ np.asarray(gallery, np.float32).T
     result = None
@@ -302,12 +426,14 @@ def evaluate(
     model_ref: str | None = None,
     progress: bool = False,
     **load_options: Any,
-) -> EvaluationReport:
+) -> EvaluationReport | None:
     """Evaluate ``model`` on ``dataset``/``split`` under ``root`` with the official metrics.
 
     ``limit``: evaluate the first ``limit`` queries only (quick checks; the gallery stays whole).
     ``submission_dir``: also write test-server files (CIRR, CIRCO) or predictions files (FashionIQ, shapes).
     Splits without public ground truth (CIRR test1, CIRCO test) give no metrics; write their files instead.
+    Launched with several processes, each embeds its shard and rank 0 returns the report; the other ranks
+    return None (see :func:`evaluate_split`).
     """
     import dataclasses
 

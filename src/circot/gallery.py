@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from circot.cache import EmbeddingCache, default_cache_dir, encode_cached, hash_file
+from circot.cache import EmbeddingCache, default_cache_dir, encode_cached, hash_bytes, hash_file
 from circot.data.records import Gallery
 from circot.errors import CircotError, check_batch_size
 from circot.index import (
@@ -36,6 +35,14 @@ from circot.index import (
     atomic_write_bytes,
     index_lock,
     read_manifest,
+)
+from circot.shard import (
+    ShardPlan,
+    compute_shard,
+    distributed_context,
+    file_identity,
+    gather,
+    shard_bounds,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,59 +122,6 @@ def _items(images: ImageSource, ids: Sequence[str] | None = None) -> tuple[list[
     return found_ids, paths
 
 
-# --------------------------------------------------------------------------------------------- distribution
-def distributed_context() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process: torch.distributed if initialised, else RANK / WORLD_SIZE."""
-    dist = sys.modules.get("torch.distributed")  # a process group exists only if torch was imported
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 1 or not 0 <= rank < world:
-        raise CircotError(f"invalid RANK={rank} / WORLD_SIZE={world} in the environment")
-    return rank, world
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous ``[start, end)`` of ``n`` items for ``rank`` of ``world_size`` (sizes differ by at most 1)."""
-    return n * rank // world_size, n * (rank + 1) // world_size
-
-
-def _shard_file(work_dir: Path, rank: int, world: int) -> Path:
-    return work_dir / f"shard-{rank:05d}-of-{world:05d}.npz"
-
-
-def _read_shard(path: Path, keys: Sequence[str] | None = None) -> np.ndarray | None:
-    try:
-        with np.load(path) as data:
-            if keys is not None and list(data["keys"]) != list(keys):
-                return None
-            return np.asarray(data["vectors"], np.float32)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _write_shard(path: Path, keys: Sequence[str], vectors: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, keys=np.asarray(keys, dtype=str), vectors=vectors.astype(np.float32))
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _barrier_or_wait(files: list[Path], timeout: float) -> None:
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        return
-    deadline = time.monotonic() + timeout
-    while not all(f.exists() for f in files):
-        if time.monotonic() > deadline:
-            missing = [f.name for f in files if not f.exists()]
-            raise CircotError(f"timed out waiting for shard files from other ranks: {', '.join(missing)}")
-        time.sleep(0.5)
-
-
 # --------------------------------------------------------------------------------------------- encoding
 def _encode_fn(model: ImageEncoder, paths: Sequence[Path], skipped: dict[str, str] | None = None):
     """The batch encoder of ``paths``. With ``skipped`` (a dict), an image that cannot be read or embedded
@@ -223,50 +177,98 @@ def encode_gallery(
     progress: bool = False,
     timeout: float = 24 * 3600.0,
     skipped: dict[str, str] | None = None,
+    stats: dict[str, int] | None = None,
 ) -> np.ndarray | None:
     """Embeddings (n, d) float32 of the images at ``paths``, reusing and filling ``cache``.
 
-    With ``world_size > 1`` (default: from the environment), this process encodes its shard and writes
-    ``work_dir/shard-<rank>-of-<world>.npz``; rank 0 then waits for all shards and returns the merged
-    array, other ranks return ``None``. A shard file whose image hashes match is reused as is.
+    With ``world_size > 1`` (default: from the environment), this process encodes its shard and writes a
+    shard file into ``work_dir`` (see :mod:`circot.shard`); rank 0 then waits for all shards and returns the
+    merged array, other ranks return ``None``. A shard file of the same model, images and settings is
+    reused as is.
 
     ``skipped``: a dict to collect the images that cannot be read (path -> reason) instead of failing;
-    their rows are NaN.
+    their rows are NaN. ``stats``: a dict that receives ``encoded`` / ``cached`` image counts.
     """
     if rank is None or world_size is None:
         env_rank, env_world = distributed_context()
         rank = env_rank if rank is None else rank
         world_size = env_world if world_size is None else world_size
-    paths = [Path(p) for p in paths]
-    start, end = shard_bounds(len(paths), rank, world_size)
-    mine = paths[start:end]
-    keys = [_hash_or_skip(p, skipped) for p in mine]
-    encode = _encode_fn(model, mine, skipped)
     if world_size == 1:
-        return encode_cached(mine, keys, encode, cache, batch_size, flush_every, progress)
+        paths = [Path(p) for p in paths]
+        keys = [_hash_or_skip(p, skipped) for p in paths]
+        encode = _encode_fn(model, paths, skipped)
+        return encode_cached(paths, keys, encode, cache, batch_size, flush_every, progress, stats=stats)
     if work_dir is None:
         raise CircotError("a sharded encode needs a work folder shared by all ranks")
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    shard = _shard_file(work_dir, rank, world_size)
-    vectors = _read_shard(shard, keys) if shard.exists() else None
-    if vectors is None:
-        vectors = encode_cached(mine, keys, encode, cache, batch_size, flush_every, progress and rank == 0)
-        _write_shard(shard, keys, vectors)
-    else:
-        logger.info("rank %d: reusing shard file %s", rank, shard)
-    if rank != 0:
+    plan = gallery_shard(
+        model, paths, cache, work_dir, rank, world_size, batch_size, flush_every, progress, skipped
+    )
+    return merge_gallery_shards(plan, paths, timeout, skipped, stats)
+
+
+def gallery_shard(
+    model: ImageEncoder,
+    paths: Sequence[str | Path],
+    cache: EmbeddingCache | None,
+    work_dir: str | Path,
+    rank: int,
+    world_size: int,
+    batch_size: int = 32,
+    flush_every: int = 1024,
+    progress: bool = False,
+    skipped: dict[str, str] | None = None,
+) -> ShardPlan:
+    """Encode this rank's shard of ``paths`` into its shard file (reused when already written); the plan."""
+    paths = [Path(p) for p in paths]
+    plan = ShardPlan.make(
+        "gallery",
+        model.fingerprint,
+        [file_identity(p) for p in paths],
+        work_dir,
+        rank,
+        world_size,
+        settings={"skip_bad": skipped is not None},
+    )
+    start, end = plan.bounds()
+    mine = paths[start:end]
+    keys = [_hash_or_skip(p, skipped) for p in mine]
+
+    def compute() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
+        mine_skipped: dict[str, str] | None = {} if skipped is not None else None
+        stats: dict[str, int] = {}
+        encode = _encode_fn(model, mine, mine_skipped)
+        vectors = encode_cached(
+            mine, keys, encode, cache, batch_size, flush_every, progress and rank == 0, stats=stats
+        )
+        if mine_skipped:
+            skipped.update(mine_skipped)  # type: ignore[union-attr]
+        # one extra per row: why the image was left out (None: it was encoded)
+        return vectors, [(mine_skipped or {}).get(str(p)) for p in mine], stats
+
+    compute_shard(plan, compute, keys=keys)
+    return plan
+
+
+def merge_gallery_shards(
+    plan: ShardPlan,
+    paths: Sequence[str | Path],
+    timeout: float = 24 * 3600.0,
+    skipped: dict[str, str] | None = None,
+    stats: dict[str, int] | None = None,
+) -> np.ndarray | None:
+    """On rank 0: every rank's gallery shard of ``plan``, merged in order (None on other ranks); the
+    reasons of skipped images go into ``skipped``, the cache counts the shards recorded into ``stats``."""
+    merged = gather(plan, timeout)
+    if merged is None:
         return None
-    files = [_shard_file(work_dir, r, world_size) for r in range(world_size)]
-    _barrier_or_wait(files, timeout)
-    parts = []
-    for r, f in enumerate(files):
-        s, e = shard_bounds(len(paths), r, world_size)
-        part = _read_shard(f)
-        if part is None or len(part) != e - s:
-            raise CircotError(f"shard file {f} is unreadable or has the wrong length; delete it and re-run")
-        parts.append(part)
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    for p, reason in zip(paths, merged.extras or [], strict=False):
+        if reason is not None and skipped is not None:
+            skipped.setdefault(str(p), str(reason))
+    if stats is not None:
+        for info in merged.info["shards"]:
+            for k in ("encoded", "cached"):
+                stats[k] = stats.get(k, 0) + int(info.get(k, 0))
+    return merged.vectors
 
 
 def _hash_or_skip(path: Path, skipped: dict[str, str] | None) -> str:
@@ -373,7 +375,9 @@ def build_index(
     rank, world = distributed_context()
     if out is None:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        work_dir = root / "work" / f"build-{os.getpid()}"
+        # the ranks of a sharded build must agree on the folder: name it after the image list
+        tag = os.getpid() if world == 1 else hash_bytes("\n".join(map(str, paths)).encode())[:16]
+        work_dir = root / "work" / f"build-{tag}"
         lock: Any = contextlib.nullcontext()
     else:
         out = check_out_folder(out, overwrite)
@@ -549,6 +553,8 @@ __all__ = [
     "check_out_folder",
     "distributed_context",
     "encode_gallery",
+    "gallery_shard",
+    "merge_gallery_shards",
     "list_images",
     "read_ids",
     "shard_bounds",

@@ -71,14 +71,15 @@ class QueryResult:
 
 
 def resolve_device(device: str | None = "auto") -> str:
-    """``auto``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else ``cpu``."""
+    """``auto``: this process's GPU (``LOCAL_RANK``, modulo the GPUs there are, so that several processes may
+    share one) when CUDA is available, else ``cpu``."""
     import os
 
     import torch
 
     if device in (None, "auto"):
         if torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
         return "cpu"
     return check_device(device)
 

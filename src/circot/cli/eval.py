@@ -38,7 +38,13 @@ def register(app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor fill the caches."),
         device: str = typer.Option("auto", "--device", help="Torch device."),
     ) -> None:
-        """Evaluate a model on a benchmark split; prints the metrics table and the conventions behind it."""
+        """Evaluate a model on a benchmark split; prints the metrics table and the conventions behind it.
+
+        Sharded: `torchrun --nproc_per_node N -m circot eval ...` (or `accelerate launch --num_processes N
+        -m circot eval ...` on GPUs): each process embeds a shard of the gallery and of the queries into
+        shard files in the cache folder's `work` folder; rank 0 merges and scores. A rerun reuses the
+        shards already written.
+        """
         from circot.data import dataset_module
         from circot.errors import CircotError
         from circot.evaluate import evaluate
@@ -70,6 +76,8 @@ def register(app: typer.Typer) -> None:
             model_ref=model_reference(model),
             progress=True,
         )
+        if report is None:  # a rank other than 0 of a sharded run: its shards are written, rank 0 reports
+            return
         if json_file is not None:
             atomic_write_json(json_file, report.to_dict(with_cots=True))
         typer.echo(report.format())
