@@ -49,6 +49,7 @@ class EvaluationReport:
     query_ids: list[str] = field(default_factory=list)
     cots: list[CoT | None] = field(default_factory=list)
     scores: np.ndarray | None = None  # (n_queries, n_gallery) similarity matrix
+    reasoner: str = "local"  # where the CoTs came from (circot.reasoner)
 
     def to_dict(self, with_cots: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,6 +58,7 @@ class EvaluationReport:
             "mode": self.mode,
             "model": self.model,
             "model_fingerprint": self.model_fingerprint,
+            "reasoner": self.reasoner,
             "n_queries": self.n_queries,
             "n_gallery": self.n_gallery,
             "metrics": rounded(self.metrics.metrics) if self.metrics is not None else None,
@@ -75,6 +77,8 @@ class EvaluationReport:
 
     def format(self) -> str:
         lines = [f"model {self.model or '?'} [{self.model_fingerprint}], {self.mode} mode"]
+        if self.reasoner != "local" and self.mode == "full":
+            lines[0] += f", reasoner {self.reasoner}"
         if self.metrics is not None:
             lines.append(self.metrics.format())
         else:
@@ -115,6 +119,7 @@ def _embed_queries_cached(
     batch_size: int,
     flush_every: int,
     progress: bool,
+    reasoner: Any = None,
 ) -> tuple[np.ndarray, list[CoT | None], int]:
     """Query embeddings through :func:`circot.search.embed_queries`, in full mode with the CoTs found in
     ``cache`` given and the others generated (and stored); returns (embeddings, cots, cache hits)."""
@@ -147,6 +152,7 @@ def _embed_queries_cached(
             mode,
             [given[i] for i in rows],
             batch_size,
+            reasoner,
         )
         embeddings.append(q.embeddings)
         cots.extend(q.cots)
@@ -208,6 +214,7 @@ def evaluate_split(
     model_ref: str | None = None,
     keep_scores: bool = False,
     progress: bool = False,
+    reasoner: Any = None,
 ) -> EvaluationReport:
     """Evaluate ``model`` on a loaded split (see :func:`evaluate`)."""
     from circot import metrics
@@ -236,9 +243,12 @@ def evaluate_split(
     images = _query_images(split)
     texts = [q.text for q in split.queries]
     t0 = time.perf_counter()
-    cot_cache = CoTCache(root, fp) if use_cache and mode == "full" else None
+    remote = getattr(reasoner, "remote", False)
+    # a served reasoner's CoTs are kept apart from the local decode's: they depend on its endpoint and model
+    cot_space = f"{fp}-{reasoner.cache_tag(model)}" if remote else fp
+    cot_cache = CoTCache(root, cot_space) if use_cache and mode == "full" else None
     queries, cots, hits = _embed_queries_cached(
-        model, images, texts, mode, cot_cache, batch_size, 256, progress
+        model, images, texts, mode, cot_cache, batch_size, 256, progress, reasoner
     )
     if mode == "full":
         cache_info["cot_cached"] = hits
@@ -274,6 +284,7 @@ def evaluate_split(
         query_ids=[q.query_id for q in split.queries],
         cots=cots,
         scores=scores if keep_scores else None,
+        reasoner=reasoner.describe() if remote else "local",
     )
 
 
@@ -301,6 +312,7 @@ def evaluate(
     limit: int | None = None,
     model_ref: str | None = None,
     progress: bool = False,
+    reasoner: Any = None,
     **load_options: Any,
 ) -> EvaluationReport:
     """Evaluate ``model`` on ``dataset``/``split`` under ``root`` with the official metrics.
@@ -308,6 +320,7 @@ def evaluate(
     ``limit``: evaluate the first ``limit`` queries only (quick checks; the gallery stays whole).
     ``submission_dir``: also write test-server files (CIRR, CIRCO) or predictions files (FashionIQ, shapes).
     Splits without public ground truth (CIRR test1, CIRCO test) give no metrics; write their files instead.
+    ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
     """
     import dataclasses
 
@@ -333,6 +346,7 @@ def evaluate(
         submission_dir=submission_dir,
         model_ref=model_ref,
         progress=progress,
+        reasoner=reasoner,
     )
 
 
