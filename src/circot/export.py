@@ -100,7 +100,7 @@ def _write_merged(model: Any, folder: Path) -> None:
     from circot.config import CONFIG_NAME
     from circot.loading import _quiet_transformers
 
-    hf = copy.deepcopy(model.model).merge_and_unload() if model.is_lora else model.hf
+    hf = model.model.merge_and_unload() if model.is_lora else model.hf  # the model was loaded for this alone
     with _quiet_transformers():
         hf.save_pretrained(str(folder))
     _write_processor(model, folder)
@@ -108,16 +108,25 @@ def _write_merged(model: Any, folder: Path) -> None:
 
 
 def _write_adapter(model: Any, folder: Path, final: Path) -> None:
+    """In place (the model was loaded for this alone): the LoRA weights are taken, the token rows merged into
+    the embeddings and the LM head, then the LoRA layers removed unmerged, leaving the base with the rows."""
     from peft import get_peft_model_state_dict
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from safetensors.torch import save_file
 
     from circot.loading import _quiet_transformers
 
-    merged = copy.deepcopy(model.model).merge_and_unload()
-    base = copy.deepcopy(model.model).unload()  # the base weights, without the trained token rows
-    base.get_input_embeddings().weight.data.copy_(merged.get_input_embeddings().weight.data)
-    if base.get_output_embeddings() is not None:
-        base.get_output_embeddings().weight.data.copy_(merged.get_output_embeddings().weight.data)
+    peft_model = model.model
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in get_peft_model_state_dict(peft_model).items()
+        if "trainable_tokens" not in k  # the token rows go into base/
+    }
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    for module in peft_model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.merge()
+    base = peft_model.unload()
     (folder / "base").mkdir()
     with _quiet_transformers():
         base.save_pretrained(str(folder / "base"))
@@ -125,13 +134,7 @@ def _write_adapter(model: Any, folder: Path, final: Path) -> None:
 
     adapter = folder / "adapter"
     adapter.mkdir()
-    state = {
-        k: v.detach().cpu().contiguous()
-        for k, v in get_peft_model_state_dict(model.model).items()
-        if "trainable_tokens" not in k  # the token rows live in base/
-    }
     save_file(state, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(model.model.peft_config["default"])
     config.trainable_token_indices = None
     config.base_model_name_or_path = str(final / "base")
     config.inference_mode = True
