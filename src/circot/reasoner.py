@@ -105,6 +105,10 @@ class OpenAIReasoner:
             raise CircotError(f"reasoner concurrency must be a positive integer, not {concurrency!r}")
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise CircotError(f"--base-url must start with http:// or https://, not {base_url!r}")
+        try:
+            import httpx  # noqa: F401
+        except ImportError:
+            raise CircotError("--reasoner openai needs httpx: pip install 'circot[reasoner]'") from None
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.concurrency = concurrency
