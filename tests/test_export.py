@@ -1,4 +1,4 @@
-"""`circot export`: the exported folders reload with plain transformers (and peft) and compute what the model does."""
+"""`circot export`: the exports reload with plain transformers (and peft) and compute what the model does."""
 
 from __future__ import annotations
 

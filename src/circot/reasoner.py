@@ -2,8 +2,8 @@
 
 A :class:`Reasoner` writes caption → reasoning → conclusion for ``(reference image, modification text)``
 queries. :class:`LocalReasoner` is today's path: the loaded model decodes and embeds at the ``<emb>`` that
-closes its reasoning, in one pass (:func:`circot.search.embed_queries` runs it as before). :class:`OpenAIReasoner`
-asks a serving engine (vLLM, SGLang, any OpenAI-compatible chat-completions server holding the circot model)
+closes its reasoning, in one pass (:func:`circot.search.embed_queries` runs it as before).
+:class:`OpenAIReasoner` asks a serving engine (vLLM, SGLang, any OpenAI-compatible chat-completions server holding the circot model)
 for the CoT; :func:`circot.search.embed_queries` then embeds it by its given-CoT pass, one forward over
 prompt + CoT + ``<emb>`` on the locally loaded model.
 
@@ -226,9 +226,10 @@ class OpenAIReasoner:
                 except TeacherFatalError as exc:
                     raise ReasonerError(str(exc)) from None
                 except TeacherRequestError as exc:
-                    raise ReasonerError(
-                        f"reasoner {client.url} (model {self.model!r}), query {i + 1} ({_short(texts[i])}): {exc}"
-                    ) from None
+                    where = (
+                        f"reasoner {client.url} (model {self.model!r}), query {i + 1} ({_short(texts[i])})"
+                    )
+                    raise ReasonerError(f"{where}: {exc}") from None
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -286,8 +287,8 @@ class OpenAIReasoner:
 
 
 def parse_reply(text: str, finish_reason: str | None = None, stop_reason: Any = None) -> CoT:
-    """A served reasoner's answer as a :class:`CoT`, by the local path's rule (:func:`circot.prompts.parse_cot`
-    with ``require_emb``): the answer is closed when it holds ``<emb>``, or stopped at the ``<emb>`` stop
+    """A served reasoner's answer as a :class:`CoT`, by the local path's rule
+    (:func:`circot.prompts.parse_cot` with ``require_emb``): the answer is closed when it holds ``<emb>``, or stopped at the ``<emb>`` stop
     string (the server then leaves it out of the text). A server that does not say which stop ended it
     (``stop_reason``) is taken at its ``finish_reason``; one cut at ``max_tokens`` is not closed."""
     closed = prompts.EMB_TOKEN in text or stop_reason == prompts.EMB_TOKEN

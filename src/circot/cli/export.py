@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
             help="base/ (with circot's token rows) + adapter/ (LoRA weights); LoRA models.",
         ),
     ) -> None:
-        """Export a model for vLLM or SGLang: transformers weights, tokenizer with circot's tags, chat template."""
+        """Export a model for vLLM or SGLang: weights, tokenizer with circot's tags, chat template."""
         from circot.errors import CircotError
         from circot.export import export_model
 
@@ -35,6 +35,5 @@ def register(app: typer.Typer) -> None:
         if kind == "merged":
             typer.echo(f"serve it: vllm serve {written} --served-model-name circot")
         else:
-            typer.echo(
-                f"serve it: vllm serve {written / 'base'} --enable-lora --lora-modules circot={written / 'adapter'}"
-            )
+            lora = f"--enable-lora --lora-modules circot={written / 'adapter'}"
+            typer.echo(f"serve it: vllm serve {written / 'base'} {lora}")

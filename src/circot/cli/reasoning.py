@@ -1,4 +1,4 @@
-"""The ``--reasoner`` options that ``circot eval``, ``circot search`` and ``circot serve`` share (no command here)."""
+"""The ``--reasoner`` options that ``circot eval``, ``search`` and ``serve`` share (no command here)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ REASONER_MODEL = typer.Option(
 REASONER_KEY_ENV = typer.Option(
     None,
     "--reasoner-api-key-env",
-    help="Environment variable holding the served reasoner's API key (default CIRCOT_REASONER_API_KEY, if set).",
+    help="Environment variable with the served reasoner's API key (default CIRCOT_REASONER_API_KEY, if set).",
 )
 
 

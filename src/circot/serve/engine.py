@@ -2,9 +2,9 @@
 
 The model is never entered by two threads at once: every model call (reasoning, streaming, embedding)
 holds :attr:`SearchEngine.model_lock` for its whole duration, while the server keeps accepting and parsing
-other requests. With a served reasoner (:mod:`circot.reasoner`), the wait for its CoT holds no lock; only the
-pooling pass that embeds it does. Index searches hold their own lock. Gallery ids from a request are looked up in the
-index's id map; a request never names a file.
+other requests. With a served reasoner (:mod:`circot.reasoner`), the wait for its CoT holds no lock; only
+the pooling pass that embeds it does. Index searches hold their own lock. Gallery ids from a request are
+looked up in the index's id map; a request never names a file.
 """
 
 from __future__ import annotations
