@@ -49,6 +49,7 @@ class EvaluationReport:
     query_ids: list[str] = field(default_factory=list)
     cots: list[CoT | None] = field(default_factory=list)
     scores: np.ndarray | None = None  # (n_queries, n_gallery) similarity matrix
+    reasoner: str = "local"  # where the CoTs came from (circot.reasoner)
 
     def to_dict(self, with_cots: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,6 +58,7 @@ class EvaluationReport:
             "mode": self.mode,
             "model": self.model,
             "model_fingerprint": self.model_fingerprint,
+            "reasoner": self.reasoner,
             "n_queries": self.n_queries,
             "n_gallery": self.n_gallery,
             "metrics": rounded(self.metrics.metrics) if self.metrics is not None else None,
@@ -75,6 +77,8 @@ class EvaluationReport:
 
     def format(self) -> str:
         lines = [f"model {self.model or '?'} [{self.model_fingerprint}], {self.mode} mode"]
+        if self.reasoner != "local" and self.mode == "full":
+            lines[0] += f", reasoner {self.reasoner}"
         if self.metrics is not None:
             lines.append(self.metrics.format())
         else:
@@ -115,6 +119,7 @@ def _embed_queries_cached(
     batch_size: int,
     flush_every: int,
     progress: bool,
+    reasoner: Any = None,
 ) -> tuple[np.ndarray, list[CoT | None], int]:
     """Query embeddings through :func:`circot.search.embed_queries`, in full mode with the CoTs found in
     ``cache`` given and the others generated (and stored); returns (embeddings, cots, cache hits)."""
@@ -147,6 +152,7 @@ def _embed_queries_cached(
             mode,
             [given[i] for i in rows],
             batch_size,
+            reasoner,
         )
         embeddings.append(q.embeddings)
         cots.extend(q.cots)
@@ -195,6 +201,7 @@ def _sharded_embeddings(
     world_size: int,
     progress: bool,
     timeout: float,
+    reasoner: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, list[CoT | None], dict[str, int], dict[str, float]] | None:
     """This rank's shards of the gallery and of the queries (see :mod:`circot.shard`); on rank 0, once every
     rank's shards are written: (gallery, queries, cots, cache counts, timings), else None."""
@@ -215,7 +222,7 @@ def _sharded_embeddings(
         work_dir,
         rank,
         world_size,
-        settings={"mode": mode},
+        settings={"mode": mode, "reasoner": getattr(reasoner, "remote", False) and reasoner.cache_tag(model)},
     )
 
     def compute() -> tuple[np.ndarray, list[Any], dict[str, Any]]:
@@ -224,7 +231,7 @@ def _sharded_embeddings(
             return np.zeros((0, 0), np.float32), [], {}
         emb, cots, hits = _embed_queries_cached(
             model, images[start:end], texts[start:end], mode, cot_cache, batch_size, 256,
-            progress and rank == 0,
+            progress and rank == 0, reasoner,
         )  # fmt: skip
         extras = [None if c is None else {**c.to_dict(), "token_ids": c.token_ids} for c in cots]
         return emb.reshape(end - start, -1), extras, {"cot_cached": hits, "cot_generated": end - start - hits}
@@ -286,6 +293,7 @@ def evaluate_split(
     world_size: int | None = None,
     work_dir: str | Path | None = None,
     timeout: float = 24 * 3600.0,
+    reasoner: Any = None,
 ) -> EvaluationReport | None:
     """Evaluate ``model`` on a loaded split (see :func:`evaluate`).
 
@@ -294,6 +302,7 @@ def evaluate_split(
     shard of the gallery and of the queries into shard files under ``work_dir`` (default: ``work`` in the
     cache folder; shared by all ranks); rank 0 waits for every shard, merges and scores, the other ranks
     return None. Shards already written by an earlier run of the same model and inputs are reused.
+    ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
     """
     from circot.shard import distributed_context
 
@@ -315,19 +324,23 @@ def evaluate_split(
     emb_cache = EmbeddingCache(root, fp, dim=getattr(model, "embedding_dim", None)) if use_cache else None
     images = _query_images(split)
     texts = [q.text for q in split.queries]
+    remote = getattr(reasoner, "remote", False)
+    source = reasoner.describe() if remote else "local"
+    # a served reasoner's CoTs are kept apart from the local decode's: they depend on its endpoint and model
+    cot_space = f"{fp}-{reasoner.cache_tag(model)}" if remote else fp
+    cot_cache = CoTCache(root, cot_space) if use_cache and mode == "full" else None
     if world_size > 1:
         sharded = _sharded_embeddings(
-            model, gallery_paths, images, texts, mode, emb_cache,
-            CoTCache(root, fp) if use_cache and mode == "full" else None,
+            model, gallery_paths, images, texts, mode, emb_cache, cot_cache,
             batch_size, gallery_batch_size, Path(work_dir) if work_dir is not None else root / "work",
-            rank, world_size, progress, timeout,
+            rank, world_size, progress, timeout, reasoner,
         )  # fmt: skip
         if sharded is None:
             return None
         gallery, queries, cots, cache_info, timings = sharded
         return _finish(
             split, mode, fp, model_ref, gallery, queries, cots, cache_info, timings, submission_dir,
-            keep_scores,
+            keep_scores, source,
         )  # fmt: skip
     before = len(emb_cache) if emb_cache is not None else 0
     gallery = encode_gallery(
@@ -339,17 +352,17 @@ def evaluate_split(
         cache_info["gallery_cached"] = len(gallery_paths) - cache_info["gallery_encoded"]
 
     t0 = time.perf_counter()
-    cot_cache = CoTCache(root, fp) if use_cache and mode == "full" else None
     queries, cots, hits = _embed_queries_cached(
-        model, images, texts, mode, cot_cache, batch_size, 256, progress
+        model, images, texts, mode, cot_cache, batch_size, 256, progress, reasoner
     )
     if mode == "full":
         cache_info["cot_cached"] = hits
         cache_info["cot_generated"] = len(texts) - hits
     timings["queries_s"] = time.perf_counter() - t0
     return _finish(
-        split, mode, fp, model_ref, gallery, queries, cots, cache_info, timings, submission_dir, keep_scores
-    )
+        split, mode, fp, model_ref, gallery, queries, cots, cache_info, timings, submission_dir, keep_scores,
+        source,
+    )  # fmt: skip
 
 
 def _finish(
@@ -364,8 +377,10 @@ def _finish(
     timings: dict[str, float],
     submission_dir: str | Path | None,
     keep_scores: bool,
+    reasoner: str,
 ) -> EvaluationReport:
-    """Score the query embeddings against the gallery's and make the report."""
+    """Score the query embeddings against the gallery's and make the report (``reasoner``: where the CoTs
+    came from)."""
     from circot import metrics
 
     t0 = time.perf_counter()
@@ -398,6 +413,7 @@ def _finish(
         query_ids=[q.query_id for q in split.queries],
         cots=cots,
         scores=scores if keep_scores else None,
+        reasoner=reasoner,
     )
 
 
@@ -425,6 +441,7 @@ def evaluate(
     limit: int | None = None,
     model_ref: str | None = None,
     progress: bool = False,
+    reasoner: Any = None,
     **load_options: Any,
 ) -> EvaluationReport | None:
     """Evaluate ``model`` on ``dataset``/``split`` under ``root`` with the official metrics.
@@ -434,6 +451,7 @@ def evaluate(
     Splits without public ground truth (CIRR test1, CIRCO test) give no metrics; write their files instead.
     Launched with several processes, each embeds its shard and rank 0 returns the report; the other ranks
     return None (see :func:`evaluate_split`).
+    ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
     """
     import dataclasses
 
@@ -459,6 +477,7 @@ def evaluate(
         submission_dir=submission_dir,
         model_ref=model_ref,
         progress=progress,
+        reasoner=reasoner,
     )
 
 

@@ -251,11 +251,7 @@ class CIRCoT(nn.Module):
         self, mode: str, texts: Sequence[str | None], n_image_tokens: list[int]
     ) -> list[list[int]]:
         strings = [
-            prompts.render_prompt(
-                prompts.prompt_instruction(mode, None if t is None else prompts.strip_special_tokens(t)),
-                n,
-                self.config.system_prompt,
-            )
+            prompts.render_prompt(prompts.user_instruction(mode, t), n, self.config.system_prompt)
             for t, n in zip(texts, n_image_tokens, strict=True)
         ]
         return self.tokenizer(strings, add_special_tokens=False)["input_ids"]

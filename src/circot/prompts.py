@@ -207,6 +207,12 @@ def prompt_instruction(mode: str, text: str | None = None) -> str:
     return query_instruction(text, mode)
 
 
+def user_instruction(mode: str, text: str | None = None) -> str:
+    """The user turn's instruction as every query path sends it: :func:`prompt_instruction` of the text with
+    special-token strings removed (the local prompt and the one a served reasoner gets)."""
+    return prompt_instruction(mode, None if text is None else strip_special_tokens(text))
+
+
 def answer_text(mode: str, cot: CoT | dict[str, str] | None = None) -> str:
     """The assistant's answer that is embedded: ``<emb>`` (gallery, fast) or the CoT then ``<emb>`` (full)."""
     if mode in ("gallery", "fast"):

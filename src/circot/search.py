@@ -3,7 +3,8 @@
 :func:`embed_queries` is the one "reason, then embed" path: ``circot search``, ``circot eval``, the demo, the
 web service and the trainer's evaluation all call it. In ``full`` mode the model writes caption → reasoning →
 conclusion and embeds at the ``<emb>`` that closes it, in one decode; a caller may pass its own ``cot`` (e.g. a
-user-edited conclusion) to embed from that reasoning without generating. :func:`rank` turns embeddings into
+user-edited conclusion) to embed from that reasoning without generating, or a served ``reasoner``
+(:mod:`circot.reasoner`) whose CoTs are embedded as given ones. :func:`rank` turns embeddings into
 ranked :class:`Hit` lists, the same way for all of them.
 """
 
@@ -141,7 +142,8 @@ class QueryEmbeddings:
     """What :func:`embed_queries` returns: ``embeddings`` ``(n, d)`` float32, the CoT each query was embedded
     from (None in fast mode), which of them were generated, and the time spent (seconds): ``cot_s`` for the
     queries whose reasoning was generated (their embedding is read at the ``<emb>`` that closes it, so this is
-    reasoning and embedding together), ``embed_s`` for the one forward of fast queries and given CoTs."""
+    reasoning and embedding together; with a served reasoner, the time waiting for its replies), ``embed_s`` for
+    the one forward of fast queries and given CoTs."""
 
     embeddings: np.ndarray
     cots: list[CoT | None]
@@ -156,11 +158,14 @@ def embed_queries(
     mode: str = "full",
     cots: Sequence[CoT | dict[str, str] | None] | None = None,
     batch_size: int = 16,
+    reasoner: Any = None,
 ) -> QueryEmbeddings:
     """Reason (full mode: the CoTs not given) and embed every query — the one query path of circot.
 
     Given and generated CoTs are embedded by the same rule; a generated one costs one decode (no second
-    forward), a given one a forward over prompt + CoT + ``<emb>``.
+    forward), a given one a forward over prompt + CoT + ``<emb>``. ``reasoner``: where generated CoTs come
+    from; None or a local one: the model's own decode; a remote one (:class:`circot.reasoner.OpenAIReasoner`):
+    its CoTs are then embedded as given ones (and count as generated).
     """
     if mode not in MODES:
         raise CircotError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -173,6 +178,14 @@ def embed_queries(
     if mode == "full" and cots is not None:
         given = [None if c is None else _as_cot(c) for c in cots]
     generated = [mode == "full" and c is None for c in given]
+    remote_s = 0.0
+    if any(generated) and getattr(reasoner, "remote", False):
+        todo = [i for i in range(n) if generated[i]]
+        t0 = time.perf_counter()
+        served = reasoner.reason(model, [images[i] for i in todo], [texts[i] for i in todo], batch_size)
+        remote_s = time.perf_counter() - t0
+        for i, c in zip(todo, served, strict=True):
+            given[i] = c
     t0 = time.perf_counter()
     if mode == "fast":
         emb = model.encode_queries(list(images), list(texts), mode="fast", batch_size=batch_size)
@@ -182,8 +195,8 @@ def embed_queries(
             list(images), list(texts), mode="full", batch_size=batch_size, cots=given, return_reasoning=True
         )
     spent = time.perf_counter() - t0
-    share = sum(generated) / max(1, n)
-    timings = {"cot_s": spent * share, "embed_s": spent * (1.0 - share)}
+    share = 0.0 if remote_s else sum(generated) / max(1, n)
+    timings = {"cot_s": remote_s + spent * share, "embed_s": spent * (1.0 - share)}
     return QueryEmbeddings(np.asarray(emb, np.float32).reshape(n, -1), list(used), generated, timings)
 
 
@@ -216,10 +229,12 @@ def search_query(
     mode: str = "full",
     cot: CoT | dict[str, str] | None = None,
     check_fingerprint: bool = True,
+    reasoner: Any = None,
 ) -> QueryResult:
     """Search ``index`` with a reference image (path or PIL image) and a modification text.
 
-    ``cot``: embed from this reasoning instead of generating it (full mode only). Raises
+    ``cot``: embed from this reasoning instead of generating it (full mode only). ``reasoner``: see
+    :func:`embed_queries`. Raises
     :class:`CircotError` if the index was built by another model (unless ``check_fingerprint=False``).
     """
     if check_fingerprint and index.model_fingerprint != model.fingerprint:
@@ -235,7 +250,7 @@ def search_query(
         raise CircotError(f"k must be a positive integer, not {k!r}")
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         raise CircotError(f"{image}: image file not found")
-    q = embed_queries(model, [image], [text], mode, [cot] if cot is not None else None, 1)
+    q = embed_queries(model, [image], [text], mode, [cot] if cot is not None else None, 1, reasoner)
     timings = dict(q.timings)
     t0 = time.perf_counter()
     hits = rank(index, q.embeddings, k)[0]

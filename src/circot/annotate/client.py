@@ -51,10 +51,15 @@ class TeacherRequestError(Exception):
 
 @dataclass
 class ChatResult:
+    """One answer: its text, token usage, seconds, and why it ended (``finish_reason``: ``stop``, ``length``;
+    ``stop_reason``: the stop string or token that ended it, where the server says, as vLLM does)."""
+
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: Any = None
 
 
 @dataclass
@@ -104,6 +109,13 @@ def image_data_url(path: Path, max_side: int | None = None) -> str:
     return f"data:{mime};base64,{base64.b64encode(raw).decode('ascii')}"
 
 
+def pil_data_url(image: Any) -> str:
+    """A lossless PNG ``data:`` URL of an in-memory PIL image."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date), or None."""
     if not value:
@@ -134,6 +146,8 @@ class OpenAIChatClient:
         max_tokens, temperature: generation settings sent with each request.
         max_image_side: downscale images whose longer side exceeds this (None: send the file as is).
         seed: seeds the jitter.
+        extra_body: more fields sent with each request (e.g. ``stop``, or a server's own sampling options).
+        role: what the endpoint is to the caller, as the errors name it (``teacher``, ``reasoner``).
     """
 
     def __init__(
@@ -152,6 +166,8 @@ class OpenAIChatClient:
         max_image_side: int | None = None,
         max_connections: int = 64,
         seed: int | None = None,
+        extra_body: dict[str, Any] | None = None,
+        role: str = "teacher",
     ) -> None:
         import httpx
 
@@ -166,6 +182,8 @@ class OpenAIChatClient:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.max_image_side = max_image_side
+        self.extra_body = dict(extra_body or {})
+        self.role = role
         self.stats = ClientStats()
         self._rng = random.Random(seed)
         self._paused_until = 0.0
@@ -195,7 +213,7 @@ class OpenAIChatClient:
             content = []
             for part in message.parts:
                 if isinstance(part, ImagePart):
-                    url = self._data_url(part.path)
+                    url = part.url or self._data_url(part.path)
                     content.append({"type": "image_url", "image_url": {"url": url}})
                 else:
                     content.append({"type": "text", "text": part})
@@ -236,6 +254,7 @@ class OpenAIChatClient:
             "messages": self.render(messages),
             "max_tokens": max_tokens or self.max_tokens,
             "temperature": self.temperature,
+            **self.extra_body,
         }
         httpx = self._httpx
         last = "no attempt"
@@ -266,7 +285,7 @@ class OpenAIChatClient:
                 elif status in FATAL_STATUS:
                     self.stats.failures += 1
                     raise TeacherFatalError(
-                        f"teacher endpoint {self.url} answered {status} ({FATAL_STATUS[status]}) for model "
+                        f"{self.role} endpoint {self.url} answered {status} ({FATAL_STATUS[status]}) for model "
                         f"{self.model!r}: {_error_text(response)}"
                     )
                 elif status == 429 or status >= 500 or status == 408:
@@ -294,7 +313,8 @@ class OpenAIChatClient:
     def _parse(response: Any) -> ChatResult | None:
         try:
             data = response.json()
-            text = data["choices"][0]["message"]["content"]
+            choice = data["choices"][0]
+            text = choice["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             return None
         if not isinstance(text, str):
@@ -304,6 +324,8 @@ class OpenAIChatClient:
             text=text,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=choice.get("finish_reason"),
+            stop_reason=choice.get("stop_reason"),
         )
 
 

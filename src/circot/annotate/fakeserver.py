@@ -26,13 +26,16 @@ from circot.annotate import prompts as P
 
 @dataclass
 class Reply:
-    """A scripted answer: ``text`` becomes a chat completion; ``body`` (dict or raw string) overrides it."""
+    """A scripted answer: ``text`` becomes a chat completion (ended by ``finish_reason``, and ``stop_reason``
+    when set, as vLLM reports the stop string that ended it); ``body`` (dict or raw string) overrides it."""
 
     text: str | None = None
     status: int = 200
     body: dict[str, Any] | str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    finish_reason: str = "stop"
+    stop_reason: Any = None
 
 
 def request_text(body: dict[str, Any]) -> str:
@@ -199,7 +202,12 @@ class FakeChatServer:
                                 {
                                     "index": 0,
                                     "message": {"role": "assistant", "content": text},
-                                    "finish_reason": "stop",
+                                    "finish_reason": reply.finish_reason,
+                                    **(
+                                        {}
+                                        if reply.stop_reason is None
+                                        else {"stop_reason": reply.stop_reason}
+                                    ),
                                 }
                             ],
                             "usage": {

@@ -78,9 +78,11 @@ LEAK_RE = re.compile("|".join(LEAK_PATTERNS), re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ImagePart:
-    """An image in a prompt, by path; backends load and encode it."""
+    """An image in a prompt, by path; backends load and encode it. ``url``: an image already encoded as a
+    ``data:`` URL (an in-memory image), sent as is by the HTTP client."""
 
     path: Path
+    url: str | None = None
 
 
 @dataclass

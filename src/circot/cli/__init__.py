@@ -25,7 +25,19 @@ app = typer.Typer(
 
 # Modules of this package that register commands, in help order. A module that is missing is skipped so
 # that the command line works while the package grows.
-COMMAND_MODULES = ["demo", "data", "score", "submit", "eval", "train", "index", "search", "serve", "annotate"]
+COMMAND_MODULES = [
+    "demo",
+    "data",
+    "score",
+    "submit",
+    "eval",
+    "train",
+    "index",
+    "search",
+    "serve",
+    "annotate",
+    "export",
+]
 
 
 @app.callback()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from circot.cli import reasoning
+
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
@@ -37,6 +39,10 @@ def register(app: typer.Typer) -> None:
         ),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor fill the caches."),
         device: str = typer.Option("auto", "--device", help="Torch device."),
+        reasoner_kind: str = reasoning.REASONER,
+        base_url: str = reasoning.BASE_URL,
+        reasoner_model: str = reasoning.REASONER_MODEL,
+        reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
     ) -> None:
         """Evaluate a model on a benchmark split; prints the metrics table and the conventions behind it.
 
@@ -60,22 +66,27 @@ def register(app: typer.Typer) -> None:
             )
         if not root.exists():
             raise CircotError(f"{dataset}: root folder {str(root)!r} does not exist")
+        reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env, batch_size)
         net = load_model(model, device)
-        report = evaluate(
-            net,
-            dataset,
-            root,
-            split,
-            mode=mode,
-            batch_size=batch_size,
-            gallery_batch_size=gallery_batch_size,
-            cache_dir=cache,
-            use_cache=not no_cache,
-            submission_dir=submission,
-            limit=limit,
-            model_ref=model_reference(model),
-            progress=True,
-        )
+        try:
+            report = evaluate(
+                net,
+                dataset,
+                root,
+                split,
+                mode=mode,
+                batch_size=batch_size,
+                gallery_batch_size=gallery_batch_size,
+                cache_dir=cache,
+                use_cache=not no_cache,
+                submission_dir=submission,
+                limit=limit,
+                model_ref=model_reference(model),
+                progress=True,
+                reasoner=reasoner,
+            )
+        finally:
+            reasoner.close()
         if report is None:  # a rank other than 0 of a sharded run: its shards are written, rank 0 reports
             return
         if json_file is not None:

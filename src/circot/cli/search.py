@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from circot.cli import reasoning
+
 
 def format_result(result, width: int = 100) -> str:
     """Human-readable text of a :class:`circot.search.QueryResult`."""
@@ -50,6 +52,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="Torch device."),
         mmap: bool = typer.Option(True, "--mmap/--no-mmap", help="Memory-map the index where faiss allows."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        reasoner_kind: str = reasoning.REASONER,
+        base_url: str = reasoning.BASE_URL,
+        reasoner_model: str = reasoning.REASONER_MODEL,
+        reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
     ) -> None:
         """Find the gallery images that match IMAGE changed as TEXT says; print the reasoning and the ranking."""
         from circot.errors import CircotError
@@ -58,12 +64,16 @@ def register(app: typer.Typer) -> None:
 
         if mode not in MODES:
             raise CircotError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+        reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env)
         gallery = GalleryIndex.load(index, mmap=mmap)
         net = load_model(model or gallery.manifest.model, device)
         cot = None
         if conclusion is not None:
             cot = {"caption": "", "reasoning": "", "conclusion": conclusion}
-        result = search_query(net, gallery, image, text, k=k, mode=mode, cot=cot)
+        try:
+            result = search_query(net, gallery, image, text, k=k, mode=mode, cot=cot, reasoner=reasoner)
+        finally:
+            reasoner.close()
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=1))
         else:

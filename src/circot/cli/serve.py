@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from circot.cli import reasoning
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -34,6 +36,10 @@ def register(app: typer.Typer) -> None:
             "--api-key-env",
             help="Environment variable holding an API key that requests must send as 'Authorization: Bearer'.",
         ),
+        reasoner_kind: str = reasoning.REASONER,
+        base_url: str = reasoning.BASE_URL,
+        reasoner_model: str = reasoning.REASONER_MODEL,
+        reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
     ) -> None:
         """Serve a gallery index over HTTP: a JSON API and a page to search and steer the reasoning."""
         import os
@@ -49,6 +55,7 @@ def register(app: typer.Typer) -> None:
                     f"--api-key-env: the environment variable {api_key_env!r} is not set or empty"
                 )
 
+        reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env)
         limits = ServeLimits(
             max_upload_bytes=int(max_upload_mb * 1024 * 1024),
             max_pixels=max_pixels,
@@ -56,13 +63,17 @@ def register(app: typer.Typer) -> None:
             max_k=max_k,
             max_decoding=max_decoding,
         )
-        serve(
-            index,
-            model=model,
-            host=host,
-            port=port,
-            device=device,
-            limits=limits,
-            check_fingerprint=not allow_mismatch,
-            api_key=api_key,
-        )
+        try:
+            serve(
+                index,
+                model=model,
+                host=host,
+                port=port,
+                device=device,
+                limits=limits,
+                check_fingerprint=not allow_mismatch,
+                api_key=api_key,
+                reasoner=reasoner,
+            )
+        finally:
+            reasoner.close()

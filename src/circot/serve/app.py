@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from circot import __version__
 from circot.errors import CircotError
 from circot.prompts import CoT
+from circot.reasoner import ReasonerError
 from circot.serve.engine import Gallery, QueryModel, SearchEngine, SearchOutcome, ServerBusy
 from circot.serve.schemas import (
     CoTOut,
@@ -220,6 +221,7 @@ def create_app(
     limits: ServeLimits | None = None,
     check_fingerprint: bool = True,
     api_key: str | None = None,
+    reasoner: Any = None,
 ) -> FastAPI:
     """Build the web application around a loaded gallery index and model.
 
@@ -230,12 +232,16 @@ def create_app(
         check_fingerprint: refuse an index whose manifest names another model.
         api_key: when given, every route but ``/``, ``/static/...`` and ``/health`` requires the header
             ``Authorization: Bearer <api_key>`` (401 otherwise).
+        reasoner: where full mode's CoTs come from (:mod:`circot.reasoner`); a served reasoner that fails
+            answers 502.
 
     Raises:
         CircotError: when the index was built with another model and ``check_fingerprint`` is set.
     """
     limits = limits or ServeLimits()
-    engine = SearchEngine(index, model, max_pending=limits.max_pending, check_fingerprint=check_fingerprint)
+    engine = SearchEngine(
+        index, model, max_pending=limits.max_pending, check_fingerprint=check_fingerprint, reasoner=reasoner
+    )
     app = FastAPI(
         title="circot",
         version=__version__,
@@ -254,6 +260,10 @@ def create_app(
     @app.exception_handler(ServerBusy)
     async def _busy(request: Request, exc: ServerBusy) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": "2"})
+
+    @app.exception_handler(ReasonerError)
+    async def _reasoner_error(request: Request, exc: ReasonerError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 502)
 
     @app.exception_handler(CircotError)
     async def _circot_error(request: Request, exc: CircotError) -> JSONResponse:

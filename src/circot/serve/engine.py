@@ -2,8 +2,9 @@
 
 The model is never entered by two threads at once: every model call (reasoning, streaming, embedding)
 holds :attr:`SearchEngine.model_lock` for its whole duration, while the server keeps accepting and parsing
-other requests. Index searches hold their own lock. Gallery ids from a request are looked up in the
-index's id map; a request never names a file.
+other requests. With a served reasoner (:mod:`circot.reasoner`), the wait for its CoT holds no lock; only
+the pooling pass that embeds it does. Index searches hold their own lock. Gallery ids from a request are
+looked up in the index's id map; a request never names a file.
 """
 
 from __future__ import annotations
@@ -89,13 +90,20 @@ class SearchEngine:
         model: the query model (``encode_queries``, ``stream_reasoning``, ``fingerprint``).
         max_pending: requests that may wait for the model at once; one more raises :class:`ServerBusy`.
         check_fingerprint: refuse an index built by another model (its manifest's fingerprint differs).
+        reasoner: where full mode's CoTs come from; None: the model's own decode.
     """
 
     def __init__(
-        self, index: Gallery, model: QueryModel, max_pending: int = 32, check_fingerprint: bool = True
+        self,
+        index: Gallery,
+        model: QueryModel,
+        max_pending: int = 32,
+        check_fingerprint: bool = True,
+        reasoner: Any = None,
     ):
         self.index = index
         self.model = model
+        self.reasoner = reasoner if getattr(reasoner, "remote", False) else None
         self.model_lock = threading.Lock()
         self._index_lock = threading.Lock()
         self._admission = threading.BoundedSemaphore(max_pending)
@@ -175,6 +183,8 @@ class SearchEngine:
         Full mode generates the reasoning and embeds at its closing ``<emb>`` (:func:`circot.search.embed_queries`,
         as ``circot search`` does).
         """
+        if mode == "full" and self.reasoner is not None:
+            return self._search_served(image, text, k)
         start = time.perf_counter()
         with self.model_lock:
             waited = _ms(start)
@@ -186,6 +196,15 @@ class SearchEngine:
             timings["reasoning"] = round(q.timings["cot_s"] * 1000.0, 2)
         timings.update(embedding=round(q.timings["embed_s"] * 1000.0, 2), search=_ms(start))
         return SearchOutcome(cot=q.cots[0], hits=hits, timings_ms=timings)
+
+    def _search_served(self, image: Image.Image, text: str, k: int) -> SearchOutcome:
+        """Full mode with a served reasoner: its CoT (no lock held), then the pooling pass under the lock."""
+        start = time.perf_counter()
+        (cot,) = self.reasoner.reason(self.model, [image], [text], 1)  # type: ignore[union-attr]
+        reasoning_ms = _ms(start)
+        outcome = self.search_from_cot(image, text, cot, k)
+        outcome.timings_ms = {"reasoning": reasoning_ms, **outcome.timings_ms}
+        return outcome
 
     def search_from_cot(self, image: Image.Image, text: str, cot: CoT, k: int) -> SearchOutcome:
         """Embed one query from a given (user-edited) reasoning instead of generating it, then search."""
@@ -219,6 +238,13 @@ class SearchEngine:
         """
         if mode == "fast":
             return self.search(image, text, "fast", k)
+        if self.reasoner is not None:  # a served CoT arrives whole: one piece, then the CoT
+            outcome = self._search_served(image, text, k)
+            if cancel.is_set():
+                return None
+            emit("token", outcome.cot.raw if outcome.cot is not None else "")
+            emit("cot", outcome.cot)
+            return outcome
         start = time.perf_counter()
         with self.model_lock:
             waited = _ms(start)

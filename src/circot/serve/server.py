@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -52,11 +53,13 @@ def serve(
     check_fingerprint: bool = True,
     log_level: str = "info",
     api_key: str | None = None,
+    reasoner: Any = None,
 ) -> None:
     """Serve the gallery index at ``index_path`` with ``model`` (default: the shipped shapes model).
 
     ``device``: a torch device, or ``auto`` (this process's GPU when there is one, else the CPU).
     ``api_key``: require it as a bearer token (see :func:`circot.serve.app.create_app`).
+    ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
 
     Blocks until the server stops. Sets PIL's process-wide decompression-bomb limit to the pixel limit.
 
@@ -81,7 +84,9 @@ def serve(
     use_whole_image_blocks(limits.max_pixels)
     index = GalleryIndex.load(index_path)
     loaded = load_model(model, device)
-    app = create_app(index, loaded, limits=limits, check_fingerprint=check_fingerprint, api_key=api_key)
+    app = create_app(
+        index, loaded, limits=limits, check_fingerprint=check_fingerprint, api_key=api_key, reasoner=reasoner
+    )
     if not _is_loopback(host):
         protection = "requests need the API key" if api_key else "without an API key (--api-key-env)"
         logger.warning("serving on %s: the service is reachable from other machines, %s", host, protection)

@@ -1,0 +1,33 @@
+"""The ``--reasoner`` options that ``circot eval``, ``search`` and ``serve`` share (no command here)."""
+
+from __future__ import annotations
+
+import typer
+
+REASONER = typer.Option(
+    "local",
+    "--reasoner",
+    help="Where the CoT comes from: local (the loaded model decodes) or openai (a served model).",
+)
+BASE_URL = typer.Option(
+    None,
+    "--base-url",
+    help="--reasoner openai: the server's chat-completions base URL, e.g. http://host:8000/v1.",
+)
+REASONER_MODEL = typer.Option(
+    None,
+    "--reasoner-model",
+    help="--reasoner openai: the served model's name (vLLM --served-model-name or LoRA name).",
+)
+REASONER_KEY_ENV = typer.Option(
+    None,
+    "--reasoner-api-key-env",
+    help="Environment variable with the served reasoner's API key (default CIRCOT_REASONER_API_KEY, if set).",
+)
+
+
+def build(kind: str, base_url: str | None, model: str | None, api_key_env: str | None, concurrency: int = 16):
+    """The reasoner the options name (:func:`circot.reasoner.make_reasoner`)."""
+    from circot.reasoner import make_reasoner
+
+    return make_reasoner(kind, base_url, model, api_key_env, concurrency)
