@@ -68,6 +68,7 @@ MAX_ID_CHARS = 4096
 MAX_PATH_CHARS = 65535
 INSERT_BATCH_BYTES = 32 << 20  # rows per insert request: under the 64 MB gRPC message limit
 MILVUS_SEARCH_MAX_K = 16384
+ID_PAGE = 8192  # rows per page when listing the ids
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _INDEX_TYPES = ("FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "HNSW_SQ", "AUTOINDEX")
 _BUILD_PARAMS = {"M": int, "efConstruction": int, "nlist": int}
@@ -361,6 +362,13 @@ class _Client:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
+        if self.spec.kind == "milvus-lite":
+            # milvus-lite keeps its engine (and the database's lock) until the process ends; stop it, so that
+            # a closed store is free for other processes
+            with contextlib.suppress(Exception):
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(str(self.spec.path))
 
     def call(self, what: str, fn: str, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -377,8 +385,35 @@ class _Client:
         return self.call("describing the alias", "describe_alias", alias)["collection_name"]
 
 
+def _literal(text: str) -> str:
+    """A Milvus filter-expression string literal (pymilvus's own ``ids=`` arguments do not escape ``\\``)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _id_filter(ids: Sequence[str]) -> str:
+    return "id in [" + ",".join(_literal(i) for i in ids) + "]"
+
+
 def _message(exc: BaseException) -> str:
     return getattr(exc, "message", None) or str(exc).splitlines()[0] or type(exc).__name__
+
+
+class _DropUnimplemented(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Method not implemented" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_engine_log() -> Iterator[None]:
+    """pymilvus's query iterator asks milvus-lite for a timestamp service it lacks (it then falls back, and
+    works); the in-process engine logs that request as an error: drop just that record."""
+    grpc_log = logging.getLogger("grpc._server")
+    drop = _DropUnimplemented()
+    grpc_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        grpc_log.removeFilter(drop)
 
 
 def _connect(spec: StoreSpec) -> _Client:
@@ -417,6 +452,7 @@ class MilvusStore:
                     "`circot index build --store ...`"
                 )
             manifest = _read_collection_manifest(client, physical, spec)
+            client.call("loading the collection", "load_collection", physical)
             store = cls(client, spec, spec.collection, manifest)
             store._owns_client = True
             store.manifest.count = len(store)
@@ -448,21 +484,19 @@ class MilvusStore:
 
     @property
     def ids(self) -> list[str]:
-        """Every id (read once from the collection, then kept until the next write)."""
+        """Every id (read from the collection once, then kept until the next write)."""
         if self._ids is None:
             ids: list[str] = []
             try:
-                iterator = self._client.client.query_iterator(
-                    self.collection, batch_size=4096, filter="", output_fields=["id", "path"]
-                )
-                while True:
-                    batch = iterator.next()
-                    if not batch:
-                        break
-                    for row in batch:
-                        ids.append(row["id"])
-                        self._paths[row["id"]] = row["path"]
-                iterator.close()
+                with _quiet_engine_log():
+                    iterator = self._client.client.query_iterator(
+                        self.collection, batch_size=ID_PAGE, filter="", output_fields=["id", "path"]
+                    )
+                    while batch := iterator.next():
+                        for row in batch:
+                            ids.append(row["id"])
+                            self._paths[row["id"]] = row["path"]
+                    iterator.close()
             except Exception as exc:
                 raise CircotError(
                     f"store {self.spec.uri!r}: reading the ids failed: {_message(exc)}"
@@ -477,7 +511,7 @@ class MilvusStore:
         if image_id in self._paths:
             return self._paths[image_id]
         rows = self._client.call(
-            "reading a path", "get", self.collection, ids=[image_id], output_fields=["path"]
+            "reading a path", "query", self.collection, filter=_id_filter([image_id]), output_fields=["path"]
         )
         if not rows:
             return None
@@ -500,7 +534,11 @@ class MilvusStore:
         x, ids_s, paths_s = self._rows(vectors, ids, paths, "add")
         for start in range(0, len(ids_s), 4096):
             found = self._client.call(
-                "checking ids", "get", self.collection, ids=ids_s[start : start + 4096], output_fields=["id"]
+                "checking ids",
+                "query",
+                self.collection,
+                filter=_id_filter(ids_s[start : start + 4096]),
+                output_fields=["id"],
             )
             if found:
                 raise CircotError(f"add: id {found[0]['id']!r} is already in the index")
@@ -522,10 +560,12 @@ class MilvusStore:
         for start in range(0, len(ids_s), 4096):
             chunk = ids_s[start : start + 4096]
             present = self._client.call(
-                "checking ids", "get", self.collection, ids=chunk, output_fields=["id"]
+                "checking ids", "query", self.collection, filter=_id_filter(chunk), output_fields=["id"]
             )
             if present:
-                self._client.call("deleting", "delete", self.collection, ids=[r["id"] for r in present])
+                self._client.call(
+                    "deleting", "delete", self.collection, filter=_id_filter([r["id"] for r in present])
+                )
                 removed += len(present)
         self._changed(ids_s)
         return removed
@@ -578,9 +618,9 @@ class MilvusStore:
         for start in range(0, len(keys), 1024):
             rows = self._client.call(
                 "reading vectors",
-                "get",
+                "query",
                 self.collection,
-                ids=keys[start : start + 1024],
+                filter=_id_filter(keys[start : start + 1024]),
                 output_fields=["vector"],
             )
             for r in rows:
