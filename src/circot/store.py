@@ -342,6 +342,9 @@ class _Client:
                     f"store {spec.uri!r}: {str(path)!r} is a folder that is not a milvus-lite database"
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
+            grpc_log = logging.getLogger("grpc._server")
+            if _DROP_UNIMPLEMENTED not in grpc_log.filters:
+                grpc_log.addFilter(_DROP_UNIMPLEMENTED)
         else:
             token = os.environ.get("MILVUS_TOKEN", "")
             if token:
@@ -399,21 +402,14 @@ def _message(exc: BaseException) -> str:
 
 
 class _DropUnimplemented(logging.Filter):
+    """pymilvus asks milvus-lite for services it lacks (a timestamp for query iterators, ...); it then falls
+    back, and works, but the in-process engine logs each such request as an error with a traceback."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         return "Method not implemented" not in record.getMessage()
 
 
-@contextlib.contextmanager
-def _quiet_engine_log() -> Iterator[None]:
-    """pymilvus's query iterator asks milvus-lite for a timestamp service it lacks (it then falls back, and
-    works); the in-process engine logs that request as an error: drop just that record."""
-    grpc_log = logging.getLogger("grpc._server")
-    drop = _DropUnimplemented()
-    grpc_log.addFilter(drop)
-    try:
-        yield
-    finally:
-        grpc_log.removeFilter(drop)
+_DROP_UNIMPLEMENTED = _DropUnimplemented()
 
 
 def _connect(spec: StoreSpec) -> _Client:
@@ -488,15 +484,14 @@ class MilvusStore:
         if self._ids is None:
             ids: list[str] = []
             try:
-                with _quiet_engine_log():
-                    iterator = self._client.client.query_iterator(
-                        self.collection, batch_size=ID_PAGE, filter="", output_fields=["id", "path"]
-                    )
-                    while batch := iterator.next():
-                        for row in batch:
-                            ids.append(row["id"])
-                            self._paths[row["id"]] = row["path"]
-                    iterator.close()
+                iterator = self._client.client.query_iterator(
+                    self.collection, batch_size=ID_PAGE, filter="", output_fields=["id", "path"]
+                )
+                while batch := iterator.next():
+                    for row in batch:
+                        ids.append(row["id"])
+                        self._paths[row["id"]] = row["path"]
+                iterator.close()
             except Exception as exc:
                 raise CircotError(
                     f"store {self.spec.uri!r}: reading the ids failed: {_message(exc)}"
