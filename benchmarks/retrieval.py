@@ -143,11 +143,21 @@ def bench_search(sizes, dims, batches, k, repeats, ivf, seed=0) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ milvus
-MILVUS_INDEXES = {"FLAT": "", "HNSW": "&index=HNSW&M=16&efConstruction=200&ef=64"}
+# collection type -> (build options, search options to measure on the same collection)
+MILVUS_INDEXES = {
+    "FLAT": ("", {"": ""}),
+    "HNSW": ("&index=HNSW&M=16&efConstruction=200", {"ef=64": "&ef=64", "ef=512": "&ef=512"}),
+}
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, truth, strict=True)]))
+
+
+def _measure(store, batch_q, k, repeats, recall_q, truth) -> dict:
+    row = {f"batch{b}_ms": _timeit(lambda q=q: store.search(q, k), repeats) * 1e3 for b, q in batch_q.items()}
+    row["recall_at_k"] = _recall(store.search(recall_q, k)[1], truth)
+    return row
 
 
 def bench_milvus(sizes, dims, batches, k, repeats, work: Path, seed=0, n_recall=256) -> list[dict]:
@@ -163,43 +173,36 @@ def bench_milvus(sizes, dims, batches, k, repeats, work: Path, seed=0, n_recall=
             recall_q = _unit(n_recall, d, rng)
             truth = numpy_topk(gallery, recall_q, k)[1].astype(str)
             batch_q = {b: _unit(b, d, rng) for b in batches}
-            stores = {"faiss Flat (exact)": str(work / f"faiss-{d}-{n}")}
-            for name, options in MILVUS_INDEXES.items():
-                stores[f"milvus-lite {name}"] = (
-                    f"milvus-lite://{work / f'm-{d}-{n}.db'}?collection=c{name}{options}"
-                )
-            for name, uri in stores.items():
+            stores = {"faiss Flat (exact)": (str(work / f"faiss-{d}-{n}"), {"": ""})}
+            for name, (build_options, searches) in MILVUS_INDEXES.items():
+                uri = f"milvus-lite://{work / f'm-{d}-{n}.db'}?collection=c{name}{build_options}"
+                stores[f"milvus-lite {name}"] = (uri, searches)
+            group = []
+            for name, (uri, searches) in stores.items():
                 t0 = time.perf_counter()
                 with build_store(uri, d, "bench") as store:
                     store.add(gallery, ids)
                 build_s = time.perf_counter() - t0
-                store = open_store(uri)
-                row = {
-                    "d": d,
-                    "n": n,
-                    "k": k,
-                    "store": name,
-                    "build_s": build_s,
-                    "build_vectors_per_s": n / build_s,
-                }
-                for b, q in batch_q.items():
-                    row[f"batch{b}_ms"] = _timeit(lambda q=q, st=store: st.search(q, k), repeats) * 1e3
-                row["recall_at_k"] = _recall(store.search(recall_q, k)[1], truth)
-                if hasattr(store, "close"):
-                    store.close()
-                rows.append(row)
-                print(
-                    f"  milvus d={d} n={n} {name}: build {row['build_vectors_per_s']:.0f} vectors/s, "
-                    + ", ".join(f"batch {b} {row[f'batch{b}_ms']:.2f} ms" for b in batches)
-                    + f", recall@{k} {row['recall_at_k']:.3f}",
-                    file=sys.stderr,
-                )
-            base = next(r for r in rows if r["d"] == d and r["n"] == n and r["store"].startswith("faiss"))
-            for r in rows:
-                if r["d"] == d and r["n"] == n:
-                    for b in batches:
-                        r[f"batch{b}_over_faiss"] = r[f"batch{b}_ms"] / base[f"batch{b}_ms"]
-                    r["build_faiss_over_this"] = base["build_vectors_per_s"] / r["build_vectors_per_s"]
+                for label, options in searches.items():
+                    store = open_store(uri + options)
+                    row = {"d": d, "n": n, "k": k, "store": f"{name} {label}".strip(), "build_s": build_s}
+                    row["build_vectors_per_s"] = n / build_s
+                    row.update(_measure(store, batch_q, k, repeats, recall_q, truth))
+                    if hasattr(store, "close"):
+                        store.close()
+                    group.append(row)
+                    print(
+                        f"  milvus d={d} n={n} {row['store']}: build {row['build_vectors_per_s']:.0f} vectors/s, "
+                        + ", ".join(f"batch {b} {row[f'batch{b}_ms']:.2f} ms" for b in batches)
+                        + f", recall@{k} {row['recall_at_k']:.3f}",
+                        file=sys.stderr,
+                    )
+            base = group[0]  # exact faiss
+            for r in group:
+                for b in batches:
+                    r[f"batch{b}_over_faiss"] = r[f"batch{b}_ms"] / base[f"batch{b}_ms"]
+                r["build_faiss_over_this"] = base["build_vectors_per_s"] / r["build_vectors_per_s"]
+            rows += group
             del gallery
     return rows
 

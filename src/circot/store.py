@@ -235,6 +235,20 @@ def open_store(
     return store
 
 
+def store_exists(uri: str | Path | StoreSpec) -> bool:
+    """Whether there is a circot store at ``uri`` (a Milvus server must be reachable to tell)."""
+    spec = parse_store_uri(uri)
+    if spec.is_faiss:
+        return (spec.path / "manifest.json").is_file()
+    if spec.kind == "milvus-lite" and not spec.path.exists():
+        return False
+    client = _connect(spec)
+    try:
+        return client.target_of(spec.collection) is not None
+    finally:
+        client.close()
+
+
 def check_fingerprint(store: Any, model_fingerprint: str, where: Any = "the index") -> None:
     """A :class:`CircotError` when ``store`` was built by another model than ``model_fingerprint``."""
     if store.model_fingerprint != model_fingerprint:
@@ -448,6 +462,7 @@ class MilvusStore:
                     "`circot index build --store ...`"
                 )
             manifest = _read_collection_manifest(client, physical, spec)
+            manifest.search_params = {**manifest.search_params, **spec.search_params}  # the URI's win
             client.call("loading the collection", "load_collection", physical)
             store = cls(client, spec, spec.collection, manifest)
             store._owns_client = True
@@ -768,5 +783,6 @@ __all__ = [
     "open_store",
     "parse_store_uri",
     "read_store_manifest",
+    "store_exists",
     "store_writer",
 ]

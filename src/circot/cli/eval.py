@@ -37,6 +37,12 @@ def register(app: typer.Typer) -> None:
         ),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor fill the caches."),
         device: str = typer.Option("auto", "--device", help="Torch device."),
+        store: str = typer.Option(
+            None,
+            "--store",
+            help="Rank through this index (a folder, file.db or milvus://host/NAME; built from the gallery "
+            "when missing) instead of scoring every gallery image exactly.",
+        ),
     ) -> None:
         """Evaluate a model on a benchmark split; prints the metrics table and the conventions behind it."""
         from circot.data import dataset_module
@@ -69,6 +75,7 @@ def register(app: typer.Typer) -> None:
             limit=limit,
             model_ref=model_reference(model),
             progress=True,
+            store=store,
         )
         if json_file is not None:
             atomic_write_json(json_file, report.to_dict(with_cots=True))
