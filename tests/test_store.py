@@ -272,3 +272,17 @@ def test_hnsw_collection_and_faiss_factories_keep_the_interface(tmp_path):
             close(store)
     with pytest.raises(CircotError, match="does not apply to Milvus"):
         build_store(f"milvus-lite://{tmp_path / 'h.db'}", DIM, "fp", factory="IVF4,Flat").__enter__()
+
+
+def test_closing_one_milvus_lite_store_leaves_the_others_of_the_process_working(tmp_path):
+    x = unit(np.random.default_rng(7), 6)
+    db = str(tmp_path / "g.db")
+    build(db, x, list("abcdef"))
+    first = open_store(db)
+    second = open_store(db)
+    second.close()
+    build(db, x[:2], ["a", "b"])  # opens and closes its own client
+    try:
+        assert len(first) == 2 and first.search(x[1:2], 1)[1][0, 0] == "b"
+    finally:
+        first.close()

@@ -338,6 +338,9 @@ def _pymilvus():
     return pymilvus
 
 
+_LITE_CLIENTS: dict[str, int] = {}  # open clients per milvus-lite database in this process
+
+
 class _Client:
     """A MilvusClient with the errors of connecting turned into one clear :class:`CircotError`."""
 
@@ -364,8 +367,12 @@ class _Client:
             if token:
                 kwargs["token"] = token
         timeout = float(os.environ.get("CIRCOT_MILVUS_TIMEOUT", "10"))
+        self.client = None
         try:
             self.client = pymilvus.MilvusClient(spec.client_uri, timeout=timeout, **kwargs)
+            if spec.kind == "milvus-lite":
+                key = str(Path(spec.path).resolve())
+                _LITE_CLIENTS[key] = _LITE_CLIENTS.get(key, 0) + 1
         except Exception as exc:  # pymilvus and milvus-lite raise their own exception types
             text = str(exc)
             if "lock" in text.lower() or "Open local milvus failed" in text:
@@ -377,15 +384,21 @@ class _Client:
             raise CircotError(f"store {spec.uri!r}: cannot {where}: {_message(exc)}") from None
 
     def close(self) -> None:
+        if self.client is None:
+            return
         with contextlib.suppress(Exception):
             self.client.close()
+        self.client = None
         if self.spec.kind == "milvus-lite":
-            # milvus-lite keeps its engine (and the database's lock) until the process ends; stop it, so that
-            # a closed store is free for other processes
-            with contextlib.suppress(Exception):
-                from milvus_lite.server_manager import server_manager_instance
+            # milvus-lite keeps its engine (and the database's lock) until the process ends; stop it when the
+            # last client of this database in the process closes, so that it is free for other processes
+            key = str(Path(self.spec.path).resolve())
+            _LITE_CLIENTS[key] -= 1
+            if _LITE_CLIENTS[key] == 0:
+                with contextlib.suppress(Exception):
+                    from milvus_lite.server_manager import server_manager_instance
 
-                server_manager_instance.release_server(str(self.spec.path))
+                    server_manager_instance.release_server(str(self.spec.path))
 
     def call(self, what: str, fn: str, *args: Any, **kwargs: Any) -> Any:
         try:
