@@ -9,6 +9,10 @@ Every speed is reported beside a baseline measured in the same run:
            IVF index (``--ivf``) with its recall@10 against the exact answer.
 3. query:  one composed query end to end (batch 1), split into CoT generation, embedding and search, full and
            fast mode, on a small shapes gallery.
+4. milvus: (``--milvus``) the Milvus store (milvus-lite, in this process) against the exact faiss store on the
+           same random unit vectors, at ``--sizes`` and ``--dims``: build rate (vectors/s through
+           ``circot.store.build_store``), query latency at ``--batches`` and recall@10 against exact search, for
+           the FLAT (exact) and HNSW collection types.
 
 Usage::
 
@@ -138,6 +142,71 @@ def bench_search(sizes, dims, batches, k, repeats, ivf, seed=0) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ milvus
+# collection type -> (build options, search options to measure on the same collection)
+MILVUS_INDEXES = {
+    "FLAT": ("", {"": ""}),
+    "HNSW": ("&index=HNSW&M=16&efConstruction=200", {"ef=64": "&ef=64", "ef=512": "&ef=512"}),
+}
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, truth, strict=True)]))
+
+
+def _measure(store, batch_q, k, repeats, recall_q, truth) -> dict:
+    row = {f"batch{b}_ms": _timeit(lambda q=q: store.search(q, k), repeats) * 1e3 for b, q in batch_q.items()}
+    row["recall_at_k"] = _recall(store.search(recall_q, k)[1], truth)
+    return row
+
+
+def bench_milvus(sizes, dims, batches, k, repeats, work: Path, seed=0, n_recall=256) -> list[dict]:
+    """Per (d, n): the exact faiss store (baseline) and milvus-lite collections, all through circot.store."""
+    from circot.store import build_store, open_store
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for d in dims:
+        for n in sizes:
+            gallery = _unit(n, d, rng)
+            ids = [str(i) for i in range(n)]
+            recall_q = _unit(n_recall, d, rng)
+            truth = numpy_topk(gallery, recall_q, k)[1].astype(str)
+            batch_q = {b: _unit(b, d, rng) for b in batches}
+            stores = {"faiss Flat (exact)": (str(work / f"faiss-{d}-{n}"), {"": ""})}
+            for name, (build_options, searches) in MILVUS_INDEXES.items():
+                uri = f"milvus-lite://{work / f'm-{d}-{n}.db'}?collection=c{name}{build_options}"
+                stores[f"milvus-lite {name}"] = (uri, searches)
+            group = []
+            for name, (uri, searches) in stores.items():
+                t0 = time.perf_counter()
+                with build_store(uri, d, "bench") as store:
+                    store.add(gallery, ids)
+                build_s = time.perf_counter() - t0
+                for label, options in searches.items():
+                    store = open_store(uri + options)
+                    row = {"d": d, "n": n, "k": k, "store": f"{name} {label}".strip(), "build_s": build_s}
+                    row["build_vectors_per_s"] = n / build_s
+                    row.update(_measure(store, batch_q, k, repeats, recall_q, truth))
+                    if hasattr(store, "close"):
+                        store.close()
+                    group.append(row)
+                    print(
+                        f"  milvus d={d} n={n} {row['store']}: build {row['build_vectors_per_s']:.0f} vectors/s, "
+                        + ", ".join(f"batch {b} {row[f'batch{b}_ms']:.2f} ms" for b in batches)
+                        + f", recall@{k} {row['recall_at_k']:.3f}",
+                        file=sys.stderr,
+                    )
+            base = group[0]  # exact faiss
+            for r in group:
+                for b in batches:
+                    r[f"batch{b}_over_faiss"] = r[f"batch{b}_ms"] / base[f"batch{b}_ms"]
+                r["build_faiss_over_this"] = base["build_vectors_per_s"] / r["build_vectors_per_s"]
+            rows += group
+            del gallery
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ model
 def _model():
     from circot.loading import default_model_path
@@ -217,7 +286,9 @@ def bench_query(model, world: Path, work: Path, n_queries: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument(
+        "--sizes", default="10000,100000,1000000", help="gallery sizes of the search and milvus parts"
+    )
     ap.add_argument("--dims", default="", help="comma-separated; default: the tiny model's width and 256")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--k", type=int, default=10)
@@ -229,6 +300,9 @@ def main(argv=None) -> int:
         help="torch/faiss/BLAS threads (default 1: on a shared machine extra threads spin and slow torch down)",
     )
     ap.add_argument("--ivf", action="store_true", help="also an IVF index (n >= 100k) with its recall")
+    ap.add_argument(
+        "--milvus", action="store_true", help="also the Milvus store (milvus-lite) against exact faiss"
+    )
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: search,build,query")
     ap.add_argument("--queries", type=int, default=10, help="end-to-end queries per mode")
     ap.add_argument("--world-queries", type=int, default=48, help="shapes test queries (gallery ~6x)")
@@ -288,6 +362,19 @@ def main(argv=None) -> int:
                 args.repeats,
                 args.ivf,
             )
+        if args.milvus:
+            print("milvus...", file=sys.stderr)
+            import pymilvus
+
+            result["pymilvus"] = pymilvus.__version__
+            result["milvus"] = bench_milvus(
+                [int(x) for x in args.sizes.split(",")],
+                dims,
+                [int(x) for x in args.batches.split(",")],
+                args.k,
+                args.repeats,
+                work,
+            )
     result["machine"]["load_avg_end"] = os.getloadavg()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +414,24 @@ def markdown(r: dict) -> str:
                 f"| {s['d']} | {s['n']:,} | {s['batch']} | {s['numpy_ms']:.2f} | {s['faiss_flat_ms']:.2f} | "
                 f"{s['numpy_over_faiss']:.2f} | {s['gallery_index_ms']:.2f} | "
                 f"{s['numpy_ms'] / s['gallery_index_ms']:.2f} | {ivf} |"
+            )
+    if "milvus" in r:
+        batches = sorted(
+            int(key[5:-3]) for key in r["milvus"][0] if key.startswith("batch") and key.endswith("_ms")
+        )
+        lines += [
+            "",
+            "| d | gallery | store | build vectors/s | faiss build rate / this | "
+            + " | ".join(f"batch {b} ms | / faiss" for b in batches)
+            + f" | recall@{r['milvus'][0]['k']} vs exact |",
+            "|---:|---:|---|---:|---:|" + "---:|---:|" * len(batches) + "---:|",
+        ]
+        for m in r["milvus"]:
+            lines.append(
+                f"| {m['d']} | {m['n']:,} | {m['store']} | {m['build_vectors_per_s']:,.0f} | "
+                f"{m['build_faiss_over_this']:.1f} | "
+                + " | ".join(f"{m[f'batch{b}_ms']:.2f} | {m[f'batch{b}_over_faiss']:.1f}" for b in batches)
+                + f" | {m['recall_at_k']:.3f} |"
             )
     if "query" in r:
         q = r["query"]

@@ -27,6 +27,9 @@ _EXPORTS = {
     "search_query": "circot.search",
     "QueryResult": "circot.search",
     "load_split": "circot.data",
+    "VectorStore": "circot.store",
+    "open_store": "circot.store",
+    "build_store": "circot.store",
 }
 
 __all__ = [
@@ -39,10 +42,13 @@ __all__ = [
     "GalleryIndex",
     "IndexManifest",
     "QueryResult",
+    "VectorStore",
     "__version__",
     "add_images",
     "build_index",
+    "build_store",
     "load_split",
+    "open_store",
     "parse_cot",
     "search_query",
 ]
@@ -56,6 +62,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are impor
     from circot.model import CIRCoT
     from circot.prompts import CoT, parse_cot
     from circot.search import QueryResult, search_query
+    from circot.store import VectorStore, build_store, open_store
 
 
 def __getattr__(name: str) -> Any:

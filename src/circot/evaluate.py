@@ -294,6 +294,7 @@ def evaluate_split(
     work_dir: str | Path | None = None,
     timeout: float = 24 * 3600.0,
     reasoner: Any = None,
+    store: str | None = None,
 ) -> EvaluationReport | None:
     """Evaluate ``model`` on a loaded split (see :func:`evaluate`).
 
@@ -303,6 +304,7 @@ def evaluate_split(
     cache folder; shared by all ranks); rank 0 waits for every shard, merges and scores, the other ranks
     return None. Shards already written by an earlier run of the same model and inputs are reused.
     ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
+    ``store``: rank through this vector store (see :func:`evaluate`).
     """
     from circot.shard import distributed_context
 
@@ -340,7 +342,7 @@ def evaluate_split(
         gallery, queries, cots, cache_info, timings = sharded
         return _finish(
             split, mode, fp, model_ref, gallery, queries, cots, cache_info, timings, submission_dir,
-            keep_scores, source,
+            keep_scores, source, store,
         )  # fmt: skip
     before = len(emb_cache) if emb_cache is not None else 0
     gallery = encode_gallery(
@@ -361,7 +363,7 @@ def evaluate_split(
     timings["queries_s"] = time.perf_counter() - t0
     return _finish(
         split, mode, fp, model_ref, gallery, queries, cots, cache_info, timings, submission_dir, keep_scores,
-        source,
+        source, store,
     )  # fmt: skip
 
 
@@ -378,13 +380,17 @@ def _finish(
     submission_dir: str | Path | None,
     keep_scores: bool,
     reasoner: str,
+    store: str | None,
 ) -> EvaluationReport:
-    """Score the query embeddings against the gallery's and make the report (``reasoner``: where the CoTs
-    came from)."""
+    """Score the query embeddings against the gallery's (exactly, or through the vector store at ``store``)
+    and make the report (``reasoner``: where the CoTs came from)."""
     from circot import metrics
 
     t0 = time.perf_counter()
-    scores = queries @ np.asarray(gallery, np.float32).T
+    if store is not None:
+        scores = _scores_through_store(store, split, np.asarray(gallery, np.float32), queries, fp, model_ref)
+    else:
+        scores = queries @ np.asarray(gallery, np.float32).T
     result = None
     if any(q.targets for q in split.queries):
         result = metrics.evaluate(split, scores)
@@ -417,6 +423,57 @@ def _finish(
     )
 
 
+def _scores_through_store(
+    uri: str,
+    split: CIRSplit,
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    fingerprint: str,
+    model_ref: str | None,
+) -> np.ndarray:
+    """The score matrix of a ranking done by the vector store at ``uri`` (:mod:`circot.store`).
+
+    The store is built from the split's gallery when there is none at ``uri``; an existing one must hold
+    exactly the split's gallery ids, made by this model. Each query's top ranks (as deep as the metrics read,
+    plus the reference) get the store's scores, every other image ``-inf``; CIRR's image-set members get their
+    exact scores, as Recall_subset ranks them all."""
+    from circot.metrics import RANK_DEPTH
+    from circot.store import build_store, check_fingerprint, open_store, store_exists
+
+    ids = list(split.gallery.ids)
+    if not store_exists(uri):
+        with build_store(uri, gallery.shape[1], fingerprint, model=model_ref) as built:
+            built.add(gallery, ids, [str(split.gallery.paths[i]) for i in ids])
+    index = open_store(uri)
+    try:
+        check_fingerprint(index, fingerprint, uri)
+        held = set(index.ids)
+        if held != set(ids):
+            missing = len(set(ids) - held)
+            raise CircotError(
+                f"--store {uri!r} holds {len(held)} images, not this split's gallery of {len(ids)} "
+                f"({missing} of them missing); point --store at a new location to build it for this split"
+            )
+        categories = max(1, len(getattr(split, "category_galleries", None) or {}))
+        depth = min(len(ids), (RANK_DEPTH.get(split.dataset, 50) + 1) * categories)
+        top_scores, top_ids = index.search(queries, depth)
+    finally:
+        if hasattr(index, "close"):
+            index.close()
+    col = {image_id: j for j, image_id in enumerate(ids)}
+    scores = np.full((len(queries), len(ids)), -np.inf, np.float32)
+    for i, (row_scores, row_ids) in enumerate(zip(top_scores, top_ids, strict=True)):
+        found = [(col[str(g)], s) for g, s in zip(row_ids, row_scores, strict=True) if str(g) in col]
+        if found:
+            cols, values = zip(*found, strict=True)
+            scores[i, list(cols)] = values
+    if split.dataset == "cirr":
+        for i, query in enumerate(split.queries):
+            members = [col[m] for m in query.extras.get("members", ()) if m in col]
+            scores[i, members] = queries[i] @ gallery[members].T
+    return scores
+
+
 def _shapes_cot_scores(split: CIRSplit, cots: Sequence[CoT | None]) -> dict[str, float] | None:
     try:
         from circot.data.shapes import gold_cot, score_cot
@@ -442,6 +499,7 @@ def evaluate(
     model_ref: str | None = None,
     progress: bool = False,
     reasoner: Any = None,
+    store: str | None = None,
     **load_options: Any,
 ) -> EvaluationReport | None:
     """Evaluate ``model`` on ``dataset``/``split`` under ``root`` with the official metrics.
@@ -452,6 +510,8 @@ def evaluate(
     Launched with several processes, each embeds its shard and rank 0 returns the report; the other ranks
     return None (see :func:`evaluate_split`).
     ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
+    ``store``: rank through this vector store (a URI, see :mod:`circot.store`; built from the gallery when
+    missing) instead of scoring every gallery image exactly.
     """
     import dataclasses
 
@@ -478,6 +538,7 @@ def evaluate(
         model_ref=model_ref,
         progress=progress,
         reasoner=reasoner,
+        store=store,
     )
 
 

@@ -44,6 +44,7 @@ from circot.shard import (
     gather,
     shard_bounds,
 )
+from circot.store import StoreSpec, build_store, check_fingerprint, parse_store_uri, store_writer
 
 logger = logging.getLogger(__name__)
 
@@ -373,6 +374,12 @@ def build_index(
     check_batch_size(batch_size)
     ids, paths = _items(images, ids)
     rank, world = distributed_context()
+    spec = parse_store_uri(out) if out is not None else None
+    if spec is not None and not spec.is_faiss:
+        return _build_in_milvus(
+            model, ids, paths, spec, rank, world, factory, batch_size, cache_dir, use_cache, cache_dtype,
+            model_ref, search_params, flush_every, progress, skip_bad,
+        )  # fmt: skip
     if out is None:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         # the ranks of a sharded build must agree on the folder: name it after the image list
@@ -418,17 +425,9 @@ def _build_locked(
     if vectors is None:
         return None
     encode_s = time.perf_counter() - t0
+    all_ids, all_paths = ids, paths
     if skipped is not None:
-        good = np.isfinite(vectors).all(axis=1) if vectors.size else np.ones(len(vectors), bool)
-        for p, ok in zip(paths, good, strict=True):
-            if not ok and str(p) not in skipped:  # encoded by another rank
-                skipped[str(p)] = "could not be read (reported in the log of the rank that encoded it)"
-        if not good.any():
-            raise CircotError(f"none of the {len(paths)} images could be read; nothing to index")
-        all_ids, all_paths = ids, paths
-        ids = [i for i, ok in zip(ids, good, strict=True) if ok]
-        paths = [p for p, ok in zip(paths, good, strict=True) if ok]
-        vectors = vectors[good]
+        vectors, ids, paths = _drop_unreadable(vectors, ids, paths, skipped)
     index = GalleryIndex.create(
         vectors.shape[1], model.fingerprint, factory, normalized=True, model=model_ref
     )
@@ -456,6 +455,89 @@ def _build_locked(
     return index
 
 
+def _drop_unreadable(
+    vectors: np.ndarray, ids: list[str], paths: list[Path], skipped: dict[str, str]
+) -> tuple[np.ndarray, list[str], list[Path]]:
+    """The rows that were read (the unreadable ones are NaN), noting in ``skipped`` those another rank met."""
+    good = np.isfinite(vectors).all(axis=1) if vectors.size else np.ones(len(vectors), bool)
+    for p, ok in zip(paths, good, strict=True):
+        if not ok and str(p) not in skipped:  # encoded by another rank
+            skipped[str(p)] = "could not be read (reported in the log of the rank that encoded it)"
+    if not good.any():
+        raise CircotError(f"none of the {len(paths)} images could be read; nothing to index")
+    ids = [i for i, ok in zip(ids, good, strict=True) if ok]
+    paths = [p for p, ok in zip(paths, good, strict=True) if ok]
+    return vectors[good], ids, paths
+
+
+def store_work_dir(spec: StoreSpec, cache_dir: str | Path | None = None) -> Path:
+    """Where a build or add into a Milvus store keeps its shard files: beside a milvus-lite database, else
+    under the cache root (shared by the ranks of a sharded run)."""
+    if spec.kind == "milvus-lite":
+        return spec.path.parent / f".{spec.path.name}.{spec.collection}.shards"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    host = spec.client_uri.split("://", 1)[-1].replace(":", "_").replace("/", "_")
+    return root / "work" / f"milvus-{host}-{spec.collection}"
+
+
+def skip_report_path(spec: StoreSpec) -> Path | None:
+    """Where a build with ``skip_bad`` lists the images it left out (None for a Milvus server)."""
+    if spec.is_faiss:
+        return spec.path / SKIP_REPORT_NAME
+    if spec.kind == "milvus-lite":
+        return spec.path.parent / f"{spec.path.name}.{spec.collection}.{SKIP_REPORT_NAME}"
+    return None
+
+
+def _build_in_milvus(
+    model: ImageEncoder,
+    ids: list[str],
+    paths: list[Path],
+    spec: StoreSpec,
+    rank: int,
+    world: int,
+    factory: str,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    use_cache: bool,
+    cache_dtype: str,
+    model_ref: str | None,
+    search_params: dict[str, Any] | None,
+    flush_every: int,
+    progress: bool,
+    skip_bad: bool,
+) -> Any:
+    """:func:`build_index` into a Milvus store: encode as ever, then fill a new collection and switch it in."""
+    from circot.store import _connect
+
+    if factory != DEFAULT_FACTORY or search_params:
+        raise CircotError(
+            f"store {spec.uri!r}: faiss options (--factory, --nprobe) do not apply to Milvus; set the index "
+            "type and its parameters in the URI, e.g. ?index=HNSW&ef=64"
+        )
+    if rank == 0:
+        _connect(spec).close()  # an unreachable server or a locked database is reported before encoding
+    work_dir = store_work_dir(spec, cache_dir)
+    cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
+    skipped: dict[str, str] | None = {} if skip_bad else None
+    vectors = encode_gallery(
+        model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress, skipped=skipped
+    )
+    if vectors is None:
+        return None
+    all_ids, all_paths = ids, paths
+    if skipped is not None:
+        vectors, ids, paths = _drop_unreadable(vectors, ids, paths, skipped)
+    with build_store(spec, vectors.shape[1], model.fingerprint, model=model_ref) as store:
+        store.add(vectors, ids, [str(p) for p in paths])
+    report = skip_report_path(spec)
+    if skipped is not None and report is not None:
+        write_skip_report(report, all_ids, skipped, all_paths)
+    store.skipped = dict(skipped or {})
+    _cleanup(work_dir)
+    return store
+
+
 def add_images(
     index_path: str | Path,
     model: ImageEncoder,
@@ -474,6 +556,11 @@ def add_images(
     with a :class:`CircotError`.
     """
     check_batch_size(batch_size)
+    spec = parse_store_uri(index_path)
+    if not spec.is_faiss:
+        return _add_to_milvus(
+            spec, model, images, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress
+        )
     index_path = Path(index_path)
     read_manifest(index_path)
     rank, _ = distributed_context()
@@ -495,11 +582,7 @@ def _add_locked(
     progress: bool,
 ) -> tuple[GalleryIndex | None, int]:
     manifest = read_manifest(index_path)
-    if manifest.model_fingerprint != model.fingerprint:
-        raise CircotError(
-            f"{index_path}: index was built by model {manifest.model_fingerprint[:16]}, "
-            f"not by the given model {model.fingerprint[:16]}; use the same model or build a new index"
-        )
+    check_fingerprint(manifest, model.fingerprint, index_path)
     ids, paths = _items(images)
     rank, world = distributed_context()
     if rank == 0:
@@ -523,6 +606,43 @@ def _add_locked(
     index.save(index_path)
     _cleanup(work_dir)
     return index, len(new)
+
+
+def _add_to_milvus(
+    spec: StoreSpec,
+    model: ImageEncoder,
+    images: ImageSource,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    use_cache: bool,
+    cache_dtype: str,
+    flush_every: int,
+    progress: bool,
+) -> tuple[Any, int]:
+    """:func:`add_images` into a Milvus store (one process: the engine serialises the writers)."""
+    _, world = distributed_context()
+    if world > 1:
+        raise CircotError(
+            f"store {spec.uri!r}: adding to a Milvus store runs in one process; launch it without "
+            "torchrun / accelerate (a build may be sharded)"
+        )
+    ids, paths = _items(images)
+    with store_writer(spec) as store:
+        check_fingerprint(store, model.fingerprint, spec)
+        known = set(store.ids)
+        new = [(i, p) for i, p in zip(ids, paths, strict=True) if i not in known]
+        if len(new) < len(ids):
+            logger.info("%d of %d images are already in the index", len(ids) - len(new), len(ids))
+        if not new:
+            return store, 0
+        work_dir = store_work_dir(spec, cache_dir)
+        cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
+        vectors = encode_gallery(
+            model, [p for _, p in new], cache, batch_size, work_dir, 0, 1, flush_every, progress
+        )
+        store.add(vectors, [i for i, _ in new], [str(p) for _, p in new])
+    _cleanup(work_dir)
+    return store, len(new)
 
 
 def read_ids(index_path: str | Path) -> list[str]:
@@ -558,4 +678,6 @@ __all__ = [
     "list_images",
     "read_ids",
     "shard_bounds",
+    "skip_report_path",
+    "store_work_dir",
 ]

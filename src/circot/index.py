@@ -321,6 +321,50 @@ class GalleryIndex:
             self._row_of[i] = start + offset
         self.manifest.count = len(self.ids)
 
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove the items with these ids (unknown ids are ignored); returns how many were removed.
+
+        The rows are compacted at once (the later rows move up), so the index stays row ↔ item; the folder
+        changes only at the next :meth:`save`, atomically as ever."""
+        self._ensure_writable()
+        dead = sorted({self._row_of[str(i)] for i in ids if str(i) in self._row_of})
+        if not dead:
+            return 0
+        self._index = _without_rows(self._index, np.asarray(dead, np.int64), self.manifest.factory)
+        gone = set(dead)
+        self.ids = [i for r, i in enumerate(self.ids) if r not in gone]
+        self.paths = [p for r, p in enumerate(self.paths) if r not in gone]
+        self._row_of = {image_id: r for r, image_id in enumerate(self.ids)}
+        self.manifest.count = len(self.ids)
+        return len(dead)
+
+    def upsert(
+        self, vectors: np.ndarray, ids: Sequence[str], paths: Sequence[str | Path] | None = None
+    ) -> None:
+        """Add the items, replacing the vector and path of those whose id is already indexed (they move to
+        the end of the row order)."""
+        self._ensure_writable()
+        x = _as_matrix(vectors, self.dim, "vectors")
+        ids = [str(i) for i in ids]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise CircotError(f"upsert: id {dup!r} is given twice")
+        if len(ids) != len(x):
+            raise CircotError(f"upsert: {len(x)} vectors but {len(ids)} ids")
+        self.delete([i for i in ids if i in self._row_of])
+        self.add(x, ids, paths)
+
+    @property
+    def location(self) -> Path | None:
+        """The folder this index was loaded from or last saved to (None for a new index)."""
+        return getattr(self, "_location", None)
+
+    def commit(self) -> Path:
+        """Save to :attr:`location` (see :meth:`save`): the store interface's way to persist the changes."""
+        if self.location is None:
+            raise CircotError("this index has no folder yet; save it with save(path)")
+        return self.save(self.location)
+
     def set_search_params(self, **params: Any) -> None:
         """Set faiss search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW); saved in the manifest."""
         faiss = _faiss()
@@ -421,6 +465,7 @@ class GalleryIndex:
         )
         atomic_write_json(folder / MANIFEST_NAME, manifest.to_dict())  # the commit point
         self.manifest = manifest
+        self._location = folder
         # Only the files the previous manifest named are removed: a folder may hold the user's own files,
         # whatever their names.
         if previous is not None:
@@ -470,7 +515,36 @@ class GalleryIndex:
         ids, paths = _read_items(items_file)
         if index.d != manifest.dim:
             raise CircotError(f"{folder}: faiss index has dimension {index.d}, manifest says {manifest.dim}")
-        return cls(index, ids, paths, manifest, mmapped=mmapped)
+        loaded = cls(index, ids, paths, manifest, mmapped=mmapped)
+        loaded._location = folder
+        return loaded
+
+
+def _without_rows(index: Any, rows: np.ndarray, factory: str) -> Any:
+    """``index`` without ``rows`` (sorted), the later rows renumbered down: faiss's ``remove_ids`` where it
+    compacts (flat indexes), else a trained copy refilled with the kept vectors."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexFlat):
+        index.remove_ids(np.ascontiguousarray(rows, np.int64))  # shifts the later rows up
+        return index
+    keep = np.ones(index.ntotal, bool)
+    keep[rows] = False
+    try:
+        if hasattr(inner, "make_direct_map"):  # IVF indexes reconstruct through their direct map
+            inner.make_direct_map()
+        kept = index.reconstruct_n(0, index.ntotal)[keep]
+    except RuntimeError:
+        raise CircotError(
+            f"index {factory!r} cannot delete items (its vectors cannot be read back)"
+        ) from None
+    if hasattr(inner, "make_direct_map"):
+        inner.set_direct_map_type(faiss.DirectMap.NoMap)
+    fresh = faiss.clone_index(index)
+    fresh.reset()  # keeps the training (IVF centroids, PQ codebooks); HNSW graphs are rebuilt on add
+    if len(kept):
+        fresh.add(np.ascontiguousarray(kept, np.float32))
+    return fresh
 
 
 def _blocked_topk(

@@ -202,10 +202,11 @@ def embed_queries(
 
 def rank(index: Any, embeddings: np.ndarray, k: int) -> list[list[Hit]]:
     """The top-``k`` gallery images of each query embedding as :class:`Hit` lists (``index``: a
-    :class:`~circot.index.GalleryIndex` or anything with ``search``, ``ids`` and ``path_of``). k is capped at
-    the gallery size; empty slots of an approximate index (no id, or a non-finite score) are dropped."""
+    :class:`~circot.index.GalleryIndex`, a :class:`~circot.store.VectorStore` or anything with ``search``,
+    ``len`` and ``path_of``). k is capped at the gallery size; empty slots of an approximate index (no id, or a
+    non-finite score) are dropped."""
     query = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1))
-    scores, ids = index.search(query, max(1, min(int(k), len(index.ids))))
+    scores, ids = index.search(query, max(1, min(int(k), len(index))))
     out: list[list[Hit]] = []
     for row_scores, row_ids in zip(
         np.asarray(scores).tolist(), np.asarray(ids, dtype=object).tolist(), strict=True

@@ -47,7 +47,7 @@ def _root(
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock", "faiss"):
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock", "faiss", "milvus_lite"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

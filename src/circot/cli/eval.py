@@ -43,6 +43,12 @@ def register(app: typer.Typer) -> None:
         base_url: str = reasoning.BASE_URL,
         reasoner_model: str = reasoning.REASONER_MODEL,
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
+        store: str = typer.Option(
+            None,
+            "--store",
+            help="Rank through this index (a folder, file.db or milvus://host/NAME; built from the gallery "
+            "when missing) instead of scoring every gallery image exactly.",
+        ),
     ) -> None:
         """Evaluate a model on a benchmark split; prints the metrics table and the conventions behind it.
 
@@ -84,6 +90,7 @@ def register(app: typer.Typer) -> None:
                 model_ref=model_reference(model),
                 progress=True,
                 reasoner=reasoner,
+                store=store,
             )
         finally:
             reasoner.close()

@@ -1,4 +1,9 @@
-"""``circot index build | add | info``: embed a gallery of images into a searchable index folder."""
+"""``circot index build | add | remove | info``: embed a gallery of images into a searchable index.
+
+The index is a store URI (:mod:`circot.store`): a folder (faiss, the default), a milvus-lite database
+(``file.db`` or ``milvus-lite:///file.db?collection=NAME``) or a Milvus server (``milvus://host:19530/NAME``).
+Every command takes it as ``--store`` (``--index``; ``--out`` for build, the older names, still work).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,15 @@ from pathlib import Path
 
 import typer
 
-index_app = typer.Typer(help="Build and grow gallery indexes.", no_args_is_help=True)
+index_app = typer.Typer(help="Build, grow and prune gallery indexes.", no_args_is_help=True)
+
+STORE_HELP = (
+    "Index: a folder (faiss), a milvus-lite database (file.db, or milvus-lite:///file.db?collection=NAME) "
+    "or a Milvus server (milvus://host:19530/NAME)."
+)
 
 
-def _summary(index, out: Path, added: int | None, seconds: float) -> dict:
+def _summary(index, out: str, added: int | None, seconds: float) -> dict:
     m = index.manifest
     return {
         "index": str(out),
@@ -42,7 +52,9 @@ def build_command(
     images: Path = typer.Option(
         ..., "--images", help="Folder of images (recursive) or a text file of paths."
     ),
-    out: Path = typer.Option(..., "--out", help="Index folder to write (replaced atomically)."),
+    out: str = typer.Option(
+        ..., "--store", "--out", help=STORE_HELP + " Written anew; replaced only when the build completes."
+    ),
     model: str = typer.Option(
         None, "--model", help="Model folder or hub id; default: the shipped shapes model."
     ),
@@ -75,17 +87,21 @@ def build_command(
     """
     import time
 
-    from circot.gallery import SKIP_REPORT_NAME, build_index, check_out_folder, list_images
+    from circot.gallery import build_index, check_out_folder, list_images, skip_report_path
     from circot.index import GalleryIndex
     from circot.search import check_device, load_model, model_reference
+    from circot.store import parse_store_uri
 
     t0 = time.perf_counter()
     list_images(images)  # fail on bad input before loading the model
-    check_out_folder(out, overwrite)
+    spec = parse_store_uri(out)
+    if spec.is_faiss:
+        check_out_folder(spec.path, overwrite)
     if device != "auto":
         check_device(device)
     net = load_model(model, device)
-    GalleryIndex.create(net.embedding_dim, "check", factory=factory)  # a bad factory fails before encoding
+    if spec.is_faiss:  # a bad factory fails before encoding
+        GalleryIndex.create(net.embedding_dim, "check", factory=factory)
     index = build_index(
         net,
         images,
@@ -104,14 +120,15 @@ def build_command(
     if index is not None:
         info = _summary(index, out, None, time.perf_counter() - t0)
         if skip_bad:
+            report = skip_report_path(spec)
             info["skipped"] = len(index.skipped)
-            info["skip_report"] = str(out / SKIP_REPORT_NAME)
+            info["skip_report"] = str(report) if report is not None else "the log (not written for a server)"
         _echo(info, as_json, "built")
 
 
 @index_app.command("add")
 def add_command(
-    index: Path = typer.Option(..., "--index", help="Existing index folder."),
+    index: str = typer.Option(..., "--store", "--index", help=STORE_HELP),
     images: Path = typer.Option(
         ..., "--images", help="Folder of images or a text file of paths; known ids are skipped."
     ),
@@ -127,11 +144,11 @@ def add_command(
     import time
 
     from circot.gallery import add_images, list_images
-    from circot.index import read_manifest
     from circot.search import load_model
+    from circot.store import read_store_manifest
 
     t0 = time.perf_counter()
-    manifest = read_manifest(index)
+    manifest = read_store_manifest(index)
     list_images(images)
     net = load_model(model or manifest.model, device)
     result, added = add_images(
@@ -148,15 +165,56 @@ def add_command(
         _echo(_summary(result, index, added, time.perf_counter() - t0), as_json, "updated")
 
 
+@index_app.command("remove")
+def remove_command(
+    index: str = typer.Option(..., "--store", "--index", help=STORE_HELP),
+    ids: list[str] = typer.Option(None, "--ids", help="Id of an image to remove (repeat the option)."),
+    ids_file: Path = typer.Option(None, "--ids-file", help="Text file of ids to remove, one per line."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Remove images from an index by id; ids it does not hold are counted, not an error."""
+    import time
+
+    from circot.errors import CircotError
+    from circot.store import store_writer
+
+    t0 = time.perf_counter()
+    wanted = list(ids or [])
+    if ids_file is not None:
+        try:
+            lines = ids_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise CircotError(
+                f"--ids-file {str(ids_file)!r}: cannot read it ({exc.strerror or exc})"
+            ) from None
+        wanted += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not wanted:
+        raise CircotError(
+            "index remove: give the ids to remove with --ids ID (repeatable) or --ids-file FILE"
+        )
+    wanted = list(dict.fromkeys(wanted))
+    with store_writer(index) as store:
+        removed = store.delete(wanted)
+    info = _summary(store, index, None, time.perf_counter() - t0)
+    info.update(removed=removed, not_found=len(wanted) - removed)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+    else:
+        typer.echo(
+            f"removed {removed} image(s) from {index} ({info['not_found']} id(s) not in it): "
+            f"{info['count']} images in {info['seconds']:.1f}s"
+        )
+
+
 @index_app.command("info")
 def info_command(
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: str = typer.Option(..., "--store", "--index", help=STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Show an index's manifest: count, dimension, factory, model fingerprint, versions."""
-    from circot.index import read_manifest
+    from circot.store import read_store_manifest
 
-    m = read_manifest(index).to_dict()
+    m = read_store_manifest(index).to_dict()
     if as_json:
         typer.echo(json.dumps(m, indent=1))
     else:

@@ -40,7 +40,12 @@ def format_result(result, width: int = 100) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("search")
     def search_command(
-        index: Path = typer.Option(..., "--index", help="Index folder (from `circot index build`)."),
+        index: str = typer.Option(
+            ...,
+            "--store",
+            "--index",
+            help="Index from `circot index build`: a folder (faiss), a milvus-lite file.db or milvus://host/NAME.",
+        ),
         image: Path = typer.Option(..., "--image", help="Reference image."),
         text: str = typer.Option(..., "--text", help="Modification text, e.g. 'make the circle red'."),
         k: int = typer.Option(10, "--k", min=1, help="Number of results."),
@@ -59,13 +64,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Find the gallery images that match IMAGE changed as TEXT says; print the reasoning and the ranking."""
         from circot.errors import CircotError
-        from circot.index import GalleryIndex
         from circot.search import MODES, load_model, search_query
+        from circot.store import open_store
 
         if mode not in MODES:
             raise CircotError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
         reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env)
-        gallery = GalleryIndex.load(index, mmap=mmap)
+        gallery = open_store(index, mmap=mmap)
         net = load_model(model or gallery.manifest.model, device)
         cot = None
         if conclusion is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from circot.cli import reasoning
@@ -12,7 +10,12 @@ from circot.cli import reasoning
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_command(
-        index: Path = typer.Option(..., "--index", help="Gallery index folder (from `circot index build`)."),
+        index: str = typer.Option(
+            ...,
+            "--store",
+            "--index",
+            help="Index from `circot index build`: a folder (faiss), a milvus-lite file.db or milvus://host/NAME.",
+        ),
         model: str = typer.Option(
             None, "--model", help="Model folder or hub id; default: the shipped shapes model."
         ),

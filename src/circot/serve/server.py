@@ -44,7 +44,7 @@ def use_whole_image_blocks(max_pixels: int) -> None:
 
 
 def serve(
-    index_path: Path,
+    index_path: str | Path,
     model: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -55,7 +55,8 @@ def serve(
     api_key: str | None = None,
     reasoner: Any = None,
 ) -> None:
-    """Serve the gallery index at ``index_path`` with ``model`` (default: the shipped shapes model).
+    """Serve the gallery index at ``index_path`` (a store URI, see :mod:`circot.store`) with ``model``
+    (default: the shipped shapes model).
 
     ``device``: a torch device, or ``auto`` (this process's GPU when there is one, else the CPU).
     ``api_key``: require it as a bearer token (see :func:`circot.serve.app.create_app`).
@@ -69,20 +70,21 @@ def serve(
     limits = limits or ServeLimits()
     if not 0 < port < 65536:
         raise CircotError(f"--port must be between 1 and 65535, not {port}")
-    index_path = Path(index_path)
-    if not index_path.exists():
-        raise CircotError(f"index not found: {index_path}")
+    from circot.store import open_store, parse_store_uri
+
+    spec = parse_store_uri(index_path)
+    if spec.path is not None and not spec.path.exists():
+        raise CircotError(f"index not found: {spec.path}")
 
     import uvicorn
 
-    from circot.index import GalleryIndex
     from circot.search import load_model
     from circot.serve.app import create_app
 
     # This process only serves: PIL's own guard now refuses anything over our pixel limit too.
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     use_whole_image_blocks(limits.max_pixels)
-    index = GalleryIndex.load(index_path)
+    index = open_store(spec)
     loaded = load_model(model, device)
     app = create_app(
         index, loaded, limits=limits, check_fingerprint=check_fingerprint, api_key=api_key, reasoner=reasoner
