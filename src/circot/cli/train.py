@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -42,6 +43,8 @@ def train_command(
     from circot.train.trainer import train
 
     result = train(cfg, resume=resume)
+    if os.environ.get("RANK", "0") != "0":  # one summary per run: the main process reports
+        return
     summary = {
         "run_dir": str(result.run_dir),
         "model_dir": str(result.model_dir) if result.model_dir else None,

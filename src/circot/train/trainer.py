@@ -303,7 +303,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -312,6 +312,10 @@ class Trainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.accelerator = Accelerator(
+            # without a GPU, accelerate joins the processes of a launcher (torchrun) only when told CPU
+            cpu=not torch.cuda.is_available(),
+            # stages leave different parameters out of the graph (no LM head without CE, the perception head)
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             mixed_precision=_resolve_precision(cfg.optim.mixed_precision),
             log_with="tensorboard",
             project_config=ProjectConfiguration(
@@ -903,6 +907,7 @@ class Trainer:
                 "dataset": self.cfg.data.dataset,
                 "val_split": self.cfg.data.val_split,
                 "steps": steps,
+                "processes": self.accelerator.num_processes,
                 "training_wall_time_s": round(wall, 1),
                 "eval": results,
             }
