@@ -78,6 +78,20 @@ def tiny_model(**overrides):
     return CIRCoT.tiny(corpus, **settings)
 
 
+def small_world(folder: Path, n_val: int = 8) -> Path:
+    """A shapes world of ``n_val`` val queries at 56 px (no other split): for evaluation tests."""
+    from circot.data.shapes import generate
+
+    return generate(folder, n_train=0, n_val=n_val, n_test=0, n_novel=0, image_size=56)
+
+
+def shapes_tiny_model():
+    """:func:`tiny_model` with a tokenizer trained on the shapes world's texts."""
+    from circot.data.shapes import corpus
+
+    return tiny_model(corpus=list(corpus()))
+
+
 def tiny_model_dir(folder: Path, **overrides) -> Path:
     """Save :func:`tiny_model` to ``folder`` and return it."""
     tiny_model(**overrides).save_pretrained(folder)

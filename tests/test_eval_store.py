@@ -6,25 +6,19 @@ import json
 
 import pytest
 
-from retrieval_fakes import tiny_model
+from retrieval_fakes import shapes_tiny_model, small_world
 
 pytest.importorskip("milvus_lite")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from circot.data.shapes import generate
-
-    return generate(
-        tmp_path_factory.mktemp("shapes") / "w", n_train=0, n_val=8, n_test=0, n_novel=0, image_size=56
-    )
+    return small_world(tmp_path_factory.mktemp("shapes") / "w")
 
 
 @pytest.fixture(scope="module")
 def model():
-    from circot.data.shapes import corpus
-
-    return tiny_model(corpus=list(corpus()))
+    return shapes_tiny_model()
 
 
 @pytest.mark.parametrize("backend", ["faiss", "milvus-lite"])

@@ -22,7 +22,7 @@ from circot.shard import (
     read_shard,
     remove_shards,
 )
-from retrieval_fakes import tiny_model, write_images
+from retrieval_fakes import shapes_tiny_model, small_world, write_images
 
 
 def _plan(tmp_path, rank, items, fingerprint="fp-1", world=3, settings=None):
@@ -119,18 +119,12 @@ def test_rank_from_the_launchers_environment(monkeypatch):
 # --------------------------------------------------------------------------------------------- sharded eval
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from circot.data.shapes import generate
-
-    return generate(
-        tmp_path_factory.mktemp("shapes") / "w", n_train=0, n_val=7, n_test=0, n_novel=0, image_size=56
-    )
+    return small_world(tmp_path_factory.mktemp("shapes") / "w", n_val=7)
 
 
 @pytest.fixture(scope="module")
 def model():
-    from circot.data.shapes import corpus
-
-    return tiny_model(corpus=list(corpus()))
+    return shapes_tiny_model()
 
 
 class _Counting:
