@@ -10,6 +10,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# the architecture of the training and export tests' tiny models (a few seconds a run on one thread)
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "vision_depth": 1,
+    "vision_embed_dim": 64,
+    "max_cot_tokens": 8,
+}
+
 
 class FakeEncoder:
     """Embeds an image file as a unit vector seeded by its bytes; counts batches and images."""

@@ -11,16 +11,8 @@ import torch
 from circot import prompts
 from circot.config import LoRASettings
 from circot.model import CIRCoT
-from retrieval_fakes import write_images
+from retrieval_fakes import TINY, write_images
 
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "vision_depth": 1,
-    "vision_embed_dim": 64,
-    "max_cot_tokens": 8,
-}
 TEXTS = ["make the circle red", "add a small star"]
 COT = {"caption": "a blue circle", "reasoning": "it turns red", "conclusion": "a red circle"}
 

@@ -416,18 +416,16 @@ def _build_locked(
     progress: bool,
     skip_bad: bool,
 ) -> GalleryIndex | None:
-    cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
     t0 = time.perf_counter()
-    skipped: dict[str, str] | None = {} if skip_bad else None
-    vectors = encode_gallery(
-        model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress, skipped=skipped
-    )
-    if vectors is None:
+    encoded = _encode_readable(
+        model, ids, paths, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype, flush_every,
+        progress, skip_bad,
+    )  # fmt: skip
+    if encoded is None:
         return None
     encode_s = time.perf_counter() - t0
     all_ids, all_paths = ids, paths
-    if skipped is not None:
-        vectors, ids, paths = _drop_unreadable(vectors, ids, paths, skipped)
+    vectors, ids, paths, skipped = encoded
     index = GalleryIndex.create(
         vectors.shape[1], model.fingerprint, factory, normalized=True, model=model_ref
     )
@@ -453,6 +451,35 @@ def _build_locked(
         len(ids) / max(encode_s, 1e-9),
     )
     return index
+
+
+def _encode_readable(
+    model: ImageEncoder,
+    ids: list[str],
+    paths: list[Path],
+    work_dir: Path,
+    rank: int,
+    world: int,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    use_cache: bool,
+    cache_dtype: str,
+    flush_every: int,
+    progress: bool,
+    skip_bad: bool,
+) -> tuple[np.ndarray, list[str], list[Path], dict[str, str] | None] | None:
+    """What both stores' builds index: (vectors, ids, paths, skipped) of the images that could be read
+    (``skipped``: None unless ``skip_bad``); None on ranks other than 0 of a sharded run."""
+    cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
+    skipped: dict[str, str] | None = {} if skip_bad else None
+    vectors = encode_gallery(
+        model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress, skipped=skipped
+    )
+    if vectors is None:
+        return None
+    if skipped is not None:
+        vectors, ids, paths = _drop_unreadable(vectors, ids, paths, skipped)
+    return vectors, ids, paths, skipped
 
 
 def _drop_unreadable(
@@ -518,16 +545,14 @@ def _build_in_milvus(
     if rank == 0:
         _connect(spec).close()  # an unreachable server or a locked database is reported before encoding
     work_dir = store_work_dir(spec, cache_dir)
-    cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
-    skipped: dict[str, str] | None = {} if skip_bad else None
-    vectors = encode_gallery(
-        model, paths, cache, batch_size, work_dir, rank, world, flush_every, progress, skipped=skipped
-    )
-    if vectors is None:
+    encoded = _encode_readable(
+        model, ids, paths, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype, flush_every,
+        progress, skip_bad,
+    )  # fmt: skip
+    if encoded is None:
         return None
     all_ids, all_paths = ids, paths
-    if skipped is not None:
-        vectors, ids, paths = _drop_unreadable(vectors, ids, paths, skipped)
+    vectors, ids, paths, skipped = encoded
     with build_store(spec, vectors.shape[1], model.fingerprint, model=model_ref) as store:
         store.add(vectors, ids, [str(p) for p in paths])
     report = skip_report_path(spec)

@@ -420,6 +420,9 @@ def _literal(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+ID_CHUNK = 4096  # ids per filter expression
+
+
 def _id_filter(ids: Sequence[str]) -> str:
     return "id in [" + ",".join(_literal(i) for i in ids) + "]"
 
@@ -555,16 +558,9 @@ class MilvusStore:
     def add(self, vectors: np.ndarray, ids: Sequence[str], paths: Sequence[str | Path] | None = None) -> None:
         """Insert new items; an id that is already stored is a :class:`CircotError` (use :meth:`upsert`)."""
         x, ids_s, paths_s = self._rows(vectors, ids, paths, "add")
-        for start in range(0, len(ids_s), 4096):
-            found = self._client.call(
-                "checking ids",
-                "query",
-                self.collection,
-                filter=_id_filter(ids_s[start : start + 4096]),
-                output_fields=["id"],
-            )
-            if found:
-                raise CircotError(f"add: id {found[0]['id']!r} is already in the index")
+        found = self._query_ids(ids_s, ["id"], "checking ids")
+        if found:
+            raise CircotError(f"add: id {found[0]['id']!r} is already in the index")
         self._write("insert", x, ids_s, paths_s)
 
     def upsert(
@@ -579,19 +575,12 @@ class MilvusStore:
         ids_s = list(dict.fromkeys(str(i) for i in ids))
         if not ids_s:
             return 0
-        removed = 0
-        for start in range(0, len(ids_s), 4096):
-            chunk = ids_s[start : start + 4096]
-            present = self._client.call(
-                "checking ids", "query", self.collection, filter=_id_filter(chunk), output_fields=["id"]
-            )
-            if present:
-                self._client.call(
-                    "deleting", "delete", self.collection, filter=_id_filter([r["id"] for r in present])
-                )
-                removed += len(present)
+        present = [r["id"] for r in self._query_ids(ids_s, ["id"], "checking ids")]
+        for start in range(0, len(present), ID_CHUNK):
+            chunk = present[start : start + ID_CHUNK]
+            self._client.call("deleting", "delete", self.collection, filter=_id_filter(chunk))
         self._changed(ids_s)
-        return removed
+        return len(present)
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` ids per query, as :meth:`GalleryIndex.search`: scores float32 (n, k), ids (n, k)."""
@@ -637,21 +626,13 @@ class MilvusStore:
         """The stored (normalised) vectors of ``ids``, in that order; an unknown id is a :class:`CircotError`."""
         out = np.zeros((len(ids), self.dim), np.float32)
         where = {str(i): n for n, i in enumerate(ids)}
-        keys = list(where)
-        for start in range(0, len(keys), 1024):
-            rows = self._client.call(
-                "reading vectors",
-                "query",
-                self.collection,
-                filter=_id_filter(keys[start : start + 1024]),
-                output_fields=["vector"],
-            )
-            for r in rows:
-                out[where[r["id"]]] = np.asarray(r["vector"], np.float32)
-            if len(rows) != len(keys[start : start + 1024]):
-                got = {r["id"] for r in rows}
-                missing = next(i for i in keys[start : start + 1024] if i not in got)
-                raise CircotError(f"unknown gallery id {missing!r}")
+        rows = self._query_ids(list(where), ["vector"], "reading vectors", chunk=1024)
+        if len(rows) != len(where):
+            got = {r["id"] for r in rows}
+            missing = next(i for i in where if i not in got)
+            raise CircotError(f"unknown gallery id {missing!r}")
+        for r in rows:
+            out[where[r["id"]]] = np.asarray(r["vector"], np.float32)
         return out
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -676,6 +657,18 @@ class MilvusStore:
         if self.manifest.normalized:
             x = _l2_normalize(x)
         return x.astype(np.float32, copy=False), ids_s, paths_s
+
+    def _query_ids(
+        self, ids: Sequence[str], fields: list[str], what: str, chunk: int = ID_CHUNK
+    ) -> list[dict]:
+        """The stored rows (the id and ``fields``) of those of ``ids`` that exist, ``chunk`` ids per query."""
+        rows: list[dict] = []
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            rows += self._client.call(
+                what, "query", self.collection, filter=_id_filter(part), output_fields=fields
+            )
+        return rows
 
     def _write(self, op: str, x: np.ndarray, ids: list[str], paths: list[str]) -> None:
         step = max(1, INSERT_BATCH_BYTES // (4 * self.dim + 256))

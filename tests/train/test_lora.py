@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 import torch
-from train_helpers import TINY
 
 from circot.model import CIRCoT
 from circot.train.config import TrainConfig
 from circot.train.trainer import Trainer
+from retrieval_fakes import TINY
 
 LAYER0 = "model.base_model.model.model.language_model.layers.0."
 

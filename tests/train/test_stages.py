@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 import yaml
-from train_helpers import TINY
 
 from circot.errors import ConfigError, DataError
 from circot.train.config import TrainConfig
@@ -21,6 +20,7 @@ from circot.train.perception import (
     scene_labels,
 )
 from circot.train.trainer import Trainer, _length_groups
+from retrieval_fakes import TINY
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 import yaml
-from train_helpers import TINY
+
+from retrieval_fakes import TINY
 
 
 @pytest.fixture(scope="module")
