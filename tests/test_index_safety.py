@@ -12,6 +12,7 @@ from PIL import Image
 from circot.errors import CircotError
 from circot.gallery import add_images, build_index
 from circot.index import GalleryIndex, read_manifest
+from circot.store import open_store
 from retrieval_fakes import FakeEncoder, write_images
 
 
@@ -119,6 +120,42 @@ def test_skip_bad_leaves_out_unreadable_images_and_reports_them(tmp_path):
     assert len(loaded) == 5 and np.isfinite(loaded.vectors()).all()
 
 
+@pytest.mark.parametrize("backend", ["faiss", "milvus-lite"])
+def test_add_with_skip_bad_indexes_the_readable_images_and_extends_the_report(tmp_path, backend):
+    if backend == "faiss":
+        uri, report = str(tmp_path / "ix"), tmp_path / "ix" / "skipped.json"
+    else:
+        pytest.importorskip("milvus_lite")
+        uri, report = (
+            f"milvus-lite://{tmp_path / 'g.db'}?collection=shop",
+            tmp_path / "g.db.shop.skipped.json",
+        )
+    write_images(tmp_path / "g", 3)
+    (tmp_path / "g" / "old-broken.png").write_bytes(b"not an image")
+    build_index(DecodingEncoder(), tmp_path / "g", uri, use_cache=False, skip_bad=True)
+    write_images(tmp_path / "more", 2, start=10)
+    (tmp_path / "more" / "new-broken.png").write_bytes(b"not an image either")
+    with pytest.raises(CircotError, match="new-broken.png"):  # without the flag a bad image stops the add
+        add_images(uri, DecodingEncoder(), tmp_path / "more", use_cache=False)
+    store, added = add_images(uri, DecodingEncoder(), tmp_path / "more", use_cache=False, skip_bad=True)
+    assert added == 2 and list(store.skipped) == [str(tmp_path / "more" / "new-broken.png")]
+    rows = json.loads(report.read_text())
+    assert sorted(r["id"] for r in rows) == ["new-broken.png", "old-broken.png"] and all(
+        r["reason"] for r in rows
+    )
+    # the broken image repaired: the next add indexes it and takes it off the report
+    Image.new("RGB", (8, 8)).save(tmp_path / "more" / "new-broken.png")
+    store, added = add_images(uri, DecodingEncoder(), tmp_path / "more", use_cache=False, skip_bad=True)
+    assert added == 1 and store.skipped == {}
+    assert [r["id"] for r in json.loads(report.read_text())] == ["old-broken.png"]
+    store = open_store(uri)
+    try:
+        assert len(store) == 6 and "new-broken.png" in store.ids and "old-broken.png" not in store.ids
+    finally:
+        if hasattr(store, "close"):
+            store.close()
+
+
 def test_cli_skip_bad_prints_the_count(cli, tmp_path, monkeypatch):
     from retrieval_fakes import tiny_model_dir
 
@@ -134,6 +171,14 @@ def test_cli_skip_bad_prints_the_count(cli, tmp_path, monkeypatch):
     assert code == 0, err
     assert "skipped 1 unreadable image(s)" in out and "skipped.json" in out
     assert len(GalleryIndex.load(tmp_path / "ix")) == 3
+    write_images(tmp_path / "more", 1, start=10, size=24)
+    (tmp_path / "more" / "bad.png").write_bytes(b"not an image")
+    code, out, err = cli(
+        "index", "add", "--index", tmp_path / "ix", "--images", tmp_path / "more", "--skip-bad"
+    )
+    assert code == 0, err
+    assert "(1 added)" in out and "skipped 1 unreadable image(s)" in out
+    assert len(GalleryIndex.load(tmp_path / "ix")) == 4
 
 
 @pytest.mark.parametrize(

@@ -319,11 +319,26 @@ def check_out_folder(out: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_skip_report(
-    path: str | Path, ids: Sequence[str], skipped: dict[str, str], paths: Sequence[Path]
+    path: str | Path,
+    ids: Sequence[str],
+    skipped: dict[str, str],
+    paths: Sequence[Path],
+    keep_earlier: bool = False,
 ) -> Path:
-    """Write the images left out by ``skip_bad`` as JSON ``[{"id", "path", "reason"}]``, atomically."""
+    """Write the images left out by ``skip_bad`` as JSON ``[{"id", "path", "reason"}]``, atomically.
+
+    ``keep_earlier`` (an add to an index): the rows of an earlier report stay, except those of ``paths``, which
+    this run has read again (and either indexed or lists anew)."""
     by_path = {str(p): i for i, p in zip(ids, paths, strict=True)}
     rows = [{"id": by_path.get(p, ""), "path": p, "reason": r} for p, r in sorted(skipped.items())]
+    if keep_earlier and Path(path).is_file():
+        try:
+            earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CircotError(
+                f"{path}: the earlier skip report cannot be read ({exc}); move it away"
+            ) from None
+        rows = [r for r in earlier if isinstance(r, dict) and r.get("path") not in by_path] + rows
     atomic_write_bytes(Path(path), (json.dumps(rows, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     return Path(path)
 
@@ -573,26 +588,64 @@ def add_images(
     cache_dtype: str = "float32",
     flush_every: int = 1024,
     progress: bool = False,
+    skip_bad: bool = False,
 ) -> tuple[GalleryIndex | None, int]:
     """Add the images not yet in the index at ``index_path`` (by id); old images are never re-encoded.
 
     Returns ``(index, number added)``; ``(None, 0)`` on ranks other than 0. The index folder is locked
     from reading to saving, so that two runs at once cannot lose each other's images: the second one stops
-    with a :class:`CircotError`.
+    with a :class:`CircotError`. ``skip_bad``: as for :func:`build_index`; the images left out are in
+    ``index.skipped`` and added to the index's skip report.
     """
     check_batch_size(batch_size)
     spec = parse_store_uri(index_path)
     if not spec.is_faiss:
         return _add_to_milvus(
-            spec, model, images, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress
+            spec,
+            model,
+            images,
+            batch_size,
+            cache_dir,
+            use_cache,
+            cache_dtype,
+            flush_every,
+            progress,
+            skip_bad,
         )
     index_path = Path(index_path)
     read_manifest(index_path)
     rank, _ = distributed_context()
     with index_lock(index_path) if rank == 0 else contextlib.nullcontext():
         return _add_locked(
-            index_path, model, images, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress
-        )
+            index_path, model, images, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress,
+            skip_bad,
+        )  # fmt: skip
+
+
+def _encode_new(
+    model: ImageEncoder,
+    new: list[tuple[str, Path]],
+    work_dir: Path,
+    rank: int,
+    world: int,
+    batch_size: int,
+    cache_dir: str | Path | None,
+    use_cache: bool,
+    cache_dtype: str,
+    flush_every: int,
+    progress: bool,
+    skip_bad: bool,
+    report: Path | None,
+) -> tuple[np.ndarray, list[str], list[Path], dict[str, str] | None] | None:
+    """:func:`_encode_readable` for an add: the new images, with their left-out ones added to ``report``."""
+    ids, paths = [i for i, _ in new], [p for _, p in new]
+    encoded = _encode_readable(
+        model, ids, paths, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype, flush_every,
+        progress, skip_bad,
+    )  # fmt: skip
+    if encoded is not None and encoded[3] is not None and report is not None:
+        write_skip_report(report, ids, encoded[3], paths, keep_earlier=True)
+    return encoded
 
 
 def _add_locked(
@@ -605,6 +658,7 @@ def _add_locked(
     cache_dtype: str,
     flush_every: int,
     progress: bool,
+    skip_bad: bool,
 ) -> tuple[GalleryIndex | None, int]:
     manifest = read_manifest(index_path)
     check_fingerprint(manifest, model.fingerprint, index_path)
@@ -621,16 +675,18 @@ def _add_locked(
     if not new:
         return index, 0
     work_dir = _work_dir(index_path)
-    cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
-    vectors = encode_gallery(
-        model, [p for _, p in new], cache, batch_size, work_dir, rank, world, flush_every, progress
-    )
-    if vectors is None or index is None:
+    encoded = _encode_new(
+        model, new, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress,
+        skip_bad, index_path / SKIP_REPORT_NAME if rank == 0 else None,
+    )  # fmt: skip
+    if encoded is None or index is None:
         return None, 0
-    index.add(vectors, [i for i, _ in new], [str(p) for _, p in new])
+    vectors, ids, paths, skipped = encoded
+    index.add(vectors, ids, [str(p) for p in paths])
     index.save(index_path)
+    index.skipped = dict(skipped or {})
     _cleanup(work_dir)
-    return index, len(new)
+    return index, len(ids)
 
 
 def _add_to_milvus(
@@ -643,6 +699,7 @@ def _add_to_milvus(
     cache_dtype: str,
     flush_every: int,
     progress: bool,
+    skip_bad: bool,
 ) -> tuple[Any, int]:
     """:func:`add_images` into a Milvus store (one process: the engine serialises the writers)."""
     _, world = distributed_context()
@@ -661,13 +718,16 @@ def _add_to_milvus(
         if not new:
             return store, 0
         work_dir = store_work_dir(spec, cache_dir)
-        cache = _open_cache(model, cache_dir, use_cache, cache_dtype, work_dir)
-        vectors = encode_gallery(
-            model, [p for _, p in new], cache, batch_size, work_dir, 0, 1, flush_every, progress
-        )
-        store.add(vectors, [i for i, _ in new], [str(p) for _, p in new])
+        encoded = _encode_new(
+            model, new, work_dir, 0, 1, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress,
+            skip_bad, skip_report_path(spec),
+        )  # fmt: skip
+        assert encoded is not None  # one process
+        vectors, ids, paths, skipped = encoded
+        store.add(vectors, ids, [str(p) for p in paths])
+        store.skipped = dict(skipped or {})
     _cleanup(work_dir)
-    return store, len(new)
+    return store, len(ids)
 
 
 def read_ids(index_path: str | Path) -> list[str]:

@@ -120,10 +120,13 @@ def build_command(
     if index is not None:
         info = _summary(index, out, None, time.perf_counter() - t0)
         if skip_bad:
-            report = skip_report_path(spec)
-            info["skipped"] = len(index.skipped)
-            info["skip_report"] = str(report) if report is not None else "the log (not written for a server)"
+            _note_skipped(info, index, skip_report_path(spec))
         _echo(info, as_json, "built")
+
+
+def _note_skipped(info: dict, store: object, report: Path | None) -> None:
+    info["skipped"] = len(store.skipped)
+    info["skip_report"] = str(report) if report is not None else "the log (not written for a server)"
 
 
 @index_app.command("add")
@@ -138,14 +141,17 @@ def add_command(
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or fill the embedding cache."),
     fp16_cache: bool = typer.Option(False, "--fp16-cache", help="Store cached embeddings as float16."),
     device: str = typer.Option("auto", "--device", help="Torch device."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Leave out unreadable images; add them to the index's skip report."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Add the new images under --images to an index, without re-encoding the images it holds."""
     import time
 
-    from circot.gallery import add_images, list_images
+    from circot.gallery import add_images, list_images, skip_report_path
     from circot.search import load_model
-    from circot.store import read_store_manifest
+    from circot.store import parse_store_uri, read_store_manifest
 
     t0 = time.perf_counter()
     manifest = read_store_manifest(index)
@@ -160,9 +166,13 @@ def add_command(
         use_cache=not no_cache,
         cache_dtype="float16" if fp16_cache else "float32",
         progress=not as_json,
+        skip_bad=skip_bad,
     )
     if result is not None:
-        _echo(_summary(result, index, added, time.perf_counter() - t0), as_json, "updated")
+        info = _summary(result, index, added, time.perf_counter() - t0)
+        if skip_bad:
+            _note_skipped(info, result, skip_report_path(parse_store_uri(index)))
+        _echo(info, as_json, "updated")
 
 
 @index_app.command("remove")
