@@ -159,3 +159,39 @@ def test_search_shows_reasoning_and_results(live_server, browser, tiny_model, ga
     browser.find_element(By.ID, "search-btn").click()
     wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "not an image" in browser.find_element(By.ID, "error").text
+
+
+def test_a_service_with_an_api_key_asks_the_page_for_it(serve_live, tiny_model, gallery_index, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from circot.serve import create_app
+
+    url = serve_live(create_app(gallery_index, tiny_model, api_key="page-key-1"))
+    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+    browser.get(url + "/")
+    form = browser.find_element(By.ID, "key-form")
+    wait.until(lambda d: form.is_displayed())  # asked before the gallery is loaded
+    assert browser.find_elements(By.CSS_SELECTOR, ".thumb") == []
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong-key")
+    browser.find_element(By.ID, "key-btn").click()
+    wait.until(lambda d: "refused" in d.find_element(By.ID, "key-label").text and form.is_displayed())
+    assert "API key" in browser.find_element(By.ID, "error").text
+    key.send_keys("page-key-1")
+    browser.find_element(By.ID, "key-btn").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".thumb img")) == 12)
+    assert not form.is_displayed()
+    loaded = "return Array.from(document.querySelectorAll(arguments[0])).every(i => i.complete && i.naturalWidth > 0)"
+    wait.until(lambda d: d.execute_script(loaded, ".thumb img"))  # images fetched with the key
+    browser.find_element(By.CSS_SELECTOR, '.thumb[data-id="red-circle.png"]').click()
+    browser.find_element(By.ID, "text").send_keys("make the circle green")
+    browser.execute_script("arguments[0].click()", browser.find_element(By.CSS_SELECTOR, "input[value=fast]"))
+    browser.find_element(By.ID, "search-btn").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) > 0)
+    wait.until(lambda d: d.execute_script(loaded, "#results .result img, #ref-img"))
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    # a reload in the same tab keeps the key; it is not asked again
+    browser.refresh()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".thumb img")) == 12)
+    assert not browser.find_element(By.ID, "key-form").is_displayed()

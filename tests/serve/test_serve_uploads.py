@@ -92,9 +92,12 @@ def test_api_key_is_required_as_a_bearer_token(tiny_model, gallery_index):
 
     from circot.serve import create_app
 
+    with TestClient(create_app(gallery_index, tiny_model)) as client:
+        assert client.get("/health").json()["api_key_required"] is False
     app = create_app(gallery_index, tiny_model, api_key="s3cret-key")
     with TestClient(app) as client:
-        assert client.get("/health").status_code == 200  # liveness stays open
+        health = client.get("/health")  # liveness stays open, and tells the page to ask for the key
+        assert health.status_code == 200 and health.json()["api_key_required"] is True
         assert client.get("/").status_code == 200
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"}):
             response = client.get("/api/gallery", headers=headers)

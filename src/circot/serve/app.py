@@ -373,6 +373,7 @@ def create_app(
             embedding_dim=getattr(model, "embedding_dim", None),
             gallery_size=len(engine.gallery_ids),
             index_matches_model=engine.fingerprint_matches,
+            api_key_required=api_key is not None,
             limits={
                 "max_upload_bytes": limits.max_upload_bytes,
                 "max_pixels": limits.max_pixels,

@@ -68,6 +68,7 @@ class HealthOut(BaseModel):
     embedding_dim: int | None
     gallery_size: int
     index_matches_model: bool
+    api_key_required: bool
     limits: dict[str, int]
 
 

@@ -3,6 +3,7 @@
 
 const PARTS = ["caption", "reasoning", "conclusion"];
 const $ = (id) => document.getElementById(id);
+const KEY_STORE = "circot-api-key";  // kept for this tab only (sessionStorage)
 
 const state = {
   reference: null,        // {kind: "gallery", id, url} or {kind: "upload", file, url}
@@ -11,6 +12,8 @@ const state = {
   lastQuery: null,        // {text, k} of the last search, for steering
   generated: null,        // the CoT as the model wrote it
   busy: false,
+  keyRequired: false,     // the service was started with an API key (see /health)
+  apiKey: sessionStorage.getItem(KEY_STORE) || "",
 };
 
 // ---------- helpers ----------
@@ -42,6 +45,42 @@ function setStatus(text, kind) {
   badge.className = `badge ${kind}`;
 }
 
+// ---------- API key ----------
+// Every route but the page and /health needs "Authorization: Bearer <key>" when the service has a key, the
+// images too: an <img src> cannot send that header, so they are fetched and shown from object URLs.
+async function api(url, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (state.apiKey) headers.Authorization = `Bearer ${state.apiKey}`;
+  const response = await fetch(url, { ...options, headers });
+  if (response.status === 401) askForKey(state.apiKey ? "The service refused this API key; enter it again" : null);
+  return response;
+}
+
+function askForKey(reason) {
+  $("key-label").textContent = reason || "This service needs an API key";
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
+
+function useKey(event) {
+  event.preventDefault();
+  state.apiKey = $("api-key").value.trim();
+  sessionStorage.setItem(KEY_STORE, state.apiKey);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  showError("");
+  loadGallery(true);
+}
+
+async function setImage(img, url) {
+  if (!state.keyRequired) { img.src = url; return; }
+  const response = await api(url);
+  if (!response.ok) { img.alt = `${img.alt} (${response.status})`; return; }
+  const local = URL.createObjectURL(await response.blob());
+  img.addEventListener("load", () => URL.revokeObjectURL(local), { once: true });
+  img.src = local;
+}
+
 // ---------- service info ----------
 async function loadHealth() {
   try {
@@ -56,6 +95,8 @@ async function loadHealth() {
     code.textContent = fp;
     service.append(code);
     if (!info.index_matches_model) service.append(" · index built with another model");
+    state.keyRequired = Boolean(info.api_key_required);
+    if (state.keyRequired && !state.apiKey) askForKey(null);
     $("k").max = String(info.limits.max_k);
     $("text").maxLength = info.limits.max_text_chars;
   } catch (err) {
@@ -70,7 +111,8 @@ async function loadGallery(reset) {
     $("gallery-grid").textContent = "";
   }
   const params = new URLSearchParams({ offset: state.galleryOffset, limit: 60, q: state.galleryFilter });
-  const response = await fetch(`/api/gallery?${params}`);
+  if (state.keyRequired && !state.apiKey) return;  // asked for the key first
+  const response = await api(`/api/gallery?${params}`);
   if (!response.ok) { showError(await errorText(response)); return; }
   const page = await response.json();
   const grid = $("gallery-grid");
@@ -83,7 +125,7 @@ async function loadGallery(reset) {
     const img = document.createElement("img");
     img.loading = "lazy";
     img.alt = item.id;
-    img.src = item.url;
+    setImage(img, item.url);
     button.append(img);
     button.addEventListener("click", () => pickGallery(item.id, item.url));
     if (state.reference && state.reference.kind === "gallery" && state.reference.id === item.id) {
@@ -105,7 +147,8 @@ function markSelected() {
 
 function showReference(url, label) {
   const img = $("ref-img");
-  img.src = url;
+  if (url.startsWith("blob:")) img.src = url;  // an upload, already local
+  else setImage(img, url);
   img.hidden = false;
   $("ref-placeholder").hidden = true;
   $("ref-preview").classList.remove("empty");
@@ -220,8 +263,8 @@ function renderResults(data) {
     const pic = document.createElement("div");
     pic.className = "pic";
     const img = document.createElement("img");
-    img.src = result.url;
     img.alt = result.id;
+    setImage(img, result.url);
     const rank = document.createElement("span");
     rank.className = "rank";
     rank.textContent = `#${result.rank}`;
@@ -306,7 +349,7 @@ async function search(event) {
   showRaw(mode === "full" ? "" : null, false);
   setStatus(mode === "full" ? "reasoning…" : "embedding…", "live");
   try {
-    const response = await fetch("/api/search/stream", { method: "POST", body: form });
+    const response = await api("/api/search/stream", { method: "POST", body: form });
     if (!response.ok) throw new Error(await errorText(response));
     let finished = false;
     await readEvents(response, (name, data) => {
@@ -352,7 +395,7 @@ async function steer() {
   $("results").classList.add("busy");
   setStatus("searching from your reasoning…", "live");
   try {
-    const response = await fetch("/api/search/edited", { method: "POST", body: form });
+    const response = await api("/api/search/edited", { method: "POST", body: form });
     if (!response.ok) throw new Error(await errorText(response));
     const data = await response.json();
     renderResults(data);
@@ -367,8 +410,9 @@ async function steer() {
 }
 
 // ---------- wiring ----------
-function init() {
+async function init() {
   $("search-form").addEventListener("submit", search);
+  $("key-form").addEventListener("submit", useKey);
   $("steer-btn").addEventListener("click", steer);
   for (const part of PARTS) $(`edit-${part}`).addEventListener("input", updateSteerButton);
   $("text").addEventListener("keydown", (e) => {
@@ -391,7 +435,7 @@ function init() {
     timer = setTimeout(() => { state.galleryFilter = e.target.value.trim(); loadGallery(true); }, 200);
   });
   $("gallery-more").addEventListener("click", () => loadGallery(false));
-  loadHealth();
+  await loadHealth();  // says whether the gallery needs the API key
   loadGallery(true);
 }
 
