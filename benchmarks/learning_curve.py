@@ -3,6 +3,9 @@
     python benchmarks/learning_curve.py --run "(b)=runs/shapes-tiny-nocot" --run "(c)=runs/shapes-tiny-cot" \\
         --out benchmarks/results/learning_curve.md
 
+A run that continued another one from its saved model counts its steps from there: ``--run "NAME=DIR@13300"``.
+``--append`` adds the rows to an existing ``--out`` table (whose own runs may be gone) instead of replacing it.
+
 Every row is one periodic evaluation of the trainer (``eval.every`` steps, the first ``eval.max_queries`` val
 queries, whole val gallery); the perception columns are the perception head's per-cell val accuracy (%).
 """
@@ -25,18 +28,19 @@ COLUMNS = {
 PERCENT = {"val_full/cot_caption_exact", "val_full/cot_caption_f1", "val_full/cot_conclusion_exact"}
 
 
-def curve(run: Path) -> list[dict]:
+def curve(run: Path, offset: int = 0) -> list[dict]:
     rows: dict[int, dict] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        step = int(rec["step"])
+        step = int(rec["step"]) + offset
         if any(k in rec for k in COLUMNS):
             rows.setdefault(step, {}).update({k: rec[k] for k in COLUMNS if k in rec})
     return [{"step": s, **rows[s]} for s in sorted(rows)]
 
 
-def render(named: dict[str, list[dict]]) -> str:
+def render(named: dict[str, list[dict]], header: bool = True) -> str:
     lines = ["| run | step | " + " | ".join(COLUMNS.values()) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    lines = lines if header else []
     for name, rows in named.items():
         for r in rows:
             cells = []
@@ -49,17 +53,22 @@ def render(named: dict[str, list[dict]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR")
+    ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR[@STEP_OFFSET]")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--append", action="store_true", help="add the rows to the table already in --out")
     args = ap.parse_args()
     named = {}
     for item in args.run:
-        name, _, path = item.partition("=")
-        named[name] = curve(Path(path))
-    text = render(named)
+        name, _, where = item.partition("=")
+        path, _, offset = where.partition("@")
+        named[name] = curve(Path(path), int(offset or 0))
+    earlier = args.out.read_text() if args.append and args.out and args.out.is_file() else ""
+    text = earlier + render(named, header=not earlier)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
 
 
 if __name__ == "__main__":
