@@ -622,32 +622,6 @@ def add_images(
         )  # fmt: skip
 
 
-def _encode_new(
-    model: ImageEncoder,
-    new: list[tuple[str, Path]],
-    work_dir: Path,
-    rank: int,
-    world: int,
-    batch_size: int,
-    cache_dir: str | Path | None,
-    use_cache: bool,
-    cache_dtype: str,
-    flush_every: int,
-    progress: bool,
-    skip_bad: bool,
-    report: Path | None,
-) -> tuple[np.ndarray, list[str], list[Path], dict[str, str] | None] | None:
-    """:func:`_encode_readable` for an add: the new images, with their left-out ones added to ``report``."""
-    ids, paths = [i for i, _ in new], [p for _, p in new]
-    encoded = _encode_readable(
-        model, ids, paths, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype, flush_every,
-        progress, skip_bad,
-    )  # fmt: skip
-    if encoded is not None and encoded[3] is not None and report is not None:
-        write_skip_report(report, ids, encoded[3], paths, keep_earlier=True)
-    return encoded
-
-
 def _add_locked(
     index_path: Path,
     model: ImageEncoder,
@@ -675,15 +649,18 @@ def _add_locked(
     if not new:
         return index, 0
     work_dir = _work_dir(index_path)
-    encoded = _encode_new(
-        model, new, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress,
-        skip_bad, index_path / SKIP_REPORT_NAME if rank == 0 else None,
+    new_ids, new_paths = [i for i, _ in new], [p for _, p in new]
+    encoded = _encode_readable(
+        model, new_ids, new_paths, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype,
+        flush_every, progress, skip_bad,
     )  # fmt: skip
     if encoded is None or index is None:
         return None, 0
     vectors, ids, paths, skipped = encoded
     index.add(vectors, ids, [str(p) for p in paths])
     index.save(index_path)
+    if skipped is not None:  # after the save: the report never lists an add that did not land
+        write_skip_report(index_path / SKIP_REPORT_NAME, new_ids, skipped, new_paths, keep_earlier=True)
     index.skipped = dict(skipped or {})
     _cleanup(work_dir)
     return index, len(ids)
@@ -718,14 +695,18 @@ def _add_to_milvus(
         if not new:
             return store, 0
         work_dir = store_work_dir(spec, cache_dir)
-        encoded = _encode_new(
-            model, new, work_dir, 0, 1, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress,
-            skip_bad, skip_report_path(spec),
+        new_ids, new_paths = [i for i, _ in new], [p for _, p in new]
+        encoded = _encode_readable(
+            model, new_ids, new_paths, work_dir, 0, 1, batch_size, cache_dir, use_cache, cache_dtype,
+            flush_every, progress, skip_bad,
         )  # fmt: skip
-        assert encoded is not None  # one process
+        assert encoded is not None  # rank 0 of one process
         vectors, ids, paths, skipped = encoded
         store.add(vectors, ids, [str(p) for p in paths])
-        store.skipped = dict(skipped or {})
+    report = skip_report_path(spec)
+    if skipped is not None and report is not None:  # after the writer closed: the add has landed
+        write_skip_report(report, new_ids, skipped, new_paths, keep_earlier=True)
+    store.skipped = dict(skipped or {})
     _cleanup(work_dir)
     return store, len(ids)
 
