@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from circot.index import atomic_write_bytes
+
 COLUMNS = {
     "val_perception/shape": "perception shape",
     "val_perception/scene": "perception every cell",
@@ -39,8 +41,11 @@ def curve(run: Path, offset: int = 0) -> list[dict]:
 
 
 def render(named: dict[str, list[dict]], header: bool = True) -> str:
-    lines = ["| run | step | " + " | ".join(COLUMNS.values()) + " |", "|---|---|" + "---|" * len(COLUMNS)]
-    lines = lines if header else []
+    lines = (
+        ["| run | step | " + " | ".join(COLUMNS.values()) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+        if header
+        else []
+    )
     for name, rows in named.items():
         for r in rows:
             cells = []
@@ -66,9 +71,7 @@ def main() -> None:
     text = earlier + render(named, header=not earlier)
     print(text)
     if args.out:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        atomic_write_bytes(args.out, text.encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -622,6 +622,14 @@ def add_images(
         )  # fmt: skip
 
 
+def _new_items(ids: list[str], paths: list[Path], known: set[str]) -> tuple[list[str], list[Path]]:
+    """The ids and paths of an add that the index does not hold yet."""
+    new = [(i, p) for i, p in zip(ids, paths, strict=True) if i not in known]
+    if len(new) < len(ids):
+        logger.info("%d of %d images are already in the index", len(ids) - len(new), len(ids))
+    return [i for i, _ in new], [p for _, p in new]
+
+
 def _add_locked(
     index_path: Path,
     model: ImageEncoder,
@@ -643,13 +651,10 @@ def _add_locked(
         known = set(index.ids)
     else:
         index, known = None, set(read_ids(index_path))
-    new = [(i, p) for i, p in zip(ids, paths, strict=True) if i not in known]
-    if len(new) < len(ids):
-        logger.info("%d of %d images are already in the index", len(ids) - len(new), len(ids))
-    if not new:
+    new_ids, new_paths = _new_items(ids, paths, known)
+    if not new_ids:
         return index, 0
     work_dir = _work_dir(index_path)
-    new_ids, new_paths = [i for i, _ in new], [p for _, p in new]
     encoded = _encode_readable(
         model, new_ids, new_paths, work_dir, rank, world, batch_size, cache_dir, use_cache, cache_dtype,
         flush_every, progress, skip_bad,
@@ -689,13 +694,10 @@ def _add_to_milvus(
     with store_writer(spec) as store:
         check_fingerprint(store, model.fingerprint, spec)
         known = set(store.ids)
-        new = [(i, p) for i, p in zip(ids, paths, strict=True) if i not in known]
-        if len(new) < len(ids):
-            logger.info("%d of %d images are already in the index", len(ids) - len(new), len(ids))
-        if not new:
+        new_ids, new_paths = _new_items(ids, paths, known)
+        if not new_ids:
             return store, 0
         work_dir = store_work_dir(spec, cache_dir)
-        new_ids, new_paths = [i for i, _ in new], [p for _, p in new]
         encoded = _encode_readable(
             model, new_ids, new_paths, work_dir, 0, 1, batch_size, cache_dir, use_cache, cache_dtype,
             flush_every, progress, skip_bad,

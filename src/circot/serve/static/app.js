@@ -110,8 +110,8 @@ async function loadGallery(reset) {
     state.galleryOffset = 0;
     $("gallery-grid").textContent = "";
   }
-  const params = new URLSearchParams({ offset: state.galleryOffset, limit: 60, q: state.galleryFilter });
   if (state.keyRequired && !state.apiKey) return;  // asked for the key first
+  const params = new URLSearchParams({ offset: state.galleryOffset, limit: 60, q: state.galleryFilter });
   const response = await api(`/api/gallery?${params}`);
   if (!response.ok) { showError(await errorText(response)); return; }
   const page = await response.json();
