@@ -66,6 +66,10 @@ def main() -> None:
     for item in args.run:
         name, _, where = item.partition("=")
         path, _, offset = where.partition("@")
+        if not name or not path or not (offset or "0").isdigit():
+            ap.error(f"--run {item!r}: expected NAME=RUN_DIR or NAME=RUN_DIR@STEP_OFFSET (a whole number)")
+        if not (Path(path) / "metrics.jsonl").is_file():
+            ap.error(f"--run {item!r}: {Path(path) / 'metrics.jsonl'} does not exist")
         named[name] = curve(Path(path), int(offset or 0))
     earlier = args.out.read_text() if args.append and args.out and args.out.is_file() else ""
     text = earlier + render(named, header=not earlier)
