@@ -84,3 +84,29 @@ def test_cli_dry_run_prints_the_resolved_config(cli, tmp_path):
     assert json.loads(out)["optim"]["grad_accum"] == 2
     code, _, err = cli("train", "--config", path, "--dry-run", "optim.grad_accum=0")
     assert code != 0 and err.startswith("error:")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import torch
+
+    from circot.train.trainer import _resolve_precision, cpu_has_native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plain = tmp_path / "cpuinfo-avx2"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    native = tmp_path / "cpuinfo-bf16"
+    native.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16(plain) is False
+    assert cpu_has_native_bf16(native) is True
+    assert cpu_has_native_bf16(tmp_path / "missing") is None
+
+    with caplog.at_level(logging.WARNING, logger="circot.train.trainer"):
+        assert _resolve_precision("bf16", native) == "bf16"
+        assert _resolve_precision("no", plain) == "no"
+        assert _resolve_precision("auto", plain) == "no"
+        assert not caplog.records
+        assert _resolve_precision("bf16", plain) == "bf16"
+    assert len(caplog.records) == 1
+    assert "avx512_bf16" in caplog.text and "optim.mixed_precision=no" in caplog.text
