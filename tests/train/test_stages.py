@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from circot.errors import ConfigError, DataError
@@ -297,6 +298,24 @@ def test_cross_entropy_over_sub_batches_equals_one_batch():
     torch.testing.assert_close(parts, whole)
 
 
+def test_conclusion_weight_counts_the_conclusion_tokens_that_many_times():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 11)
+    conclusion = 10  # the <conclusion> tag's id in this toy vocabulary
+    labels = torch.tensor([[-100, -100, 3, 4, conclusion, 5, 6, 7], [-100, -100, -100, 2, 2, 2, 2, 2]])
+    ce = CoTCrossEntropy(conclusion_id=conclusion)
+    token = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), reduction="none").view(
+        2, 7
+    )
+    weights = torch.tensor([[0, 1, 1, 3, 3, 3, 3], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.float)
+    torch.testing.assert_close(ce.token_weights(labels, 3.0), weights)
+    torch.testing.assert_close(ce(logits, labels, 3.0), (token * weights).sum() / weights.sum())
+    # weight 1 is the plain token mean, and a row without the tag is weighted as caption and reasoning
+    torch.testing.assert_close(ce(logits, labels), token[weights > 0].mean())
+    with pytest.raises(ValueError, match="conclusion"):
+        CoTCrossEntropy()(logits, labels, 2.0)
+
+
 def test_config_with_a_perception_stage_round_trips(tmp_path):
     cfg = TrainConfig.from_dict(
         {"stages": [{"name": "see", "mode": "perception", "steps": 5}, {"name": "x", "steer_prob": 0.5}]}
@@ -377,12 +396,12 @@ def test_cached_tower_outputs_keep_their_grids_and_respect_the_budget(tmp_path, 
     assert 0 < tr._vision_cache_bytes <= 0.005e6 and 0 < len(tr._vision_cache) < 3
 
 
-@pytest.mark.parametrize("freeze", [[], FROZEN])
-def test_grad_cache_chunks_give_the_plain_batch_gradient(tmp_path, world, freeze):
+@pytest.mark.parametrize(("freeze", "conclusion_weight"), [([], 1.0), (FROZEN, 3.0)])
+def test_grad_cache_chunks_give_the_plain_batch_gradient(tmp_path, world, freeze, conclusion_weight):
     """optim.contrastive_chunk: forwards of 3 rows, the gradient (and losses) of the whole batch of 8."""
     stages = [
         {"name": "cot", "mode": "full", "steps": 2, "lr": 1e-3, "fast_fraction": 0.25, "steer_prob": 0.25,
-         "freeze": freeze}
+         "freeze": freeze, "conclusion_weight": conclusion_weight}
     ]  # fmt: skip
     tr = _trainer(_cfg(tmp_path, world, stages, loss={"hard_negatives": 1, "symmetric": True}))
     batch = {"index": list(range(8)), "example": tr.examples[:8]}

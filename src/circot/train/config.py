@@ -129,7 +129,9 @@ class StageSection:
     learn every grid cell's occupancy, colour, shape and size from the scene graphs, over the train split's
     images (batches of ``optim.batch_size``); the language model is untouched. ``freeze``: parameter-name
     prefixes kept fixed in this stage (``model.model.visual`` is the vision tower; while it is frozen its
-    outputs are computed once per training image and cached).
+    outputs are computed once per training image and cached). ``conclusion_weight``: in the CE, each token of
+    the conclusion (from ``<conclusion>`` to ``<emb>``) counts this many times against once for the caption's
+    and reasoning's (1 = the plain token mean).
     """
 
     name: str = "stage"
@@ -147,6 +149,7 @@ class StageSection:
     corrupt_prob: float = 0.0
     identity_prob: float = 0.0
     steer_prob: float = 0.0
+    conclusion_weight: float = 1.0
     freeze: list[str] = field(default_factory=list)
 
 
@@ -202,6 +205,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"{where}: lambda_info 0 needs a full stage with lambda_txt > 0 (nothing to learn)"
                 )
+            if st.conclusion_weight <= 0:
+                raise ConfigError(f"{where}.conclusion_weight must be > 0, got {st.conclusion_weight}")
             if st.steps < 0 or st.warmup < 0 or st.lr <= 0:
                 raise ConfigError(f"{where}: steps and warmup must be >= 0 and lr > 0")
             for name in (

@@ -129,43 +129,75 @@ class CoTCrossEntropy(nn.Module):
     image tokens, padding) — the layout ``CIRCoT.build_batch`` returns, aligned with the inputs; the shift
     by one happens here. ``logits`` is (b, t, vocab). Rows with no supervised token contribute nothing;
     returns 0 (with a gradient path) when the whole batch has none.
+
+    ``conclusion_id`` is the ``<conclusion>`` tag's token id. With a ``conclusion_weight`` w (an argument of
+    each call; a stage setting), every supervised token from that tag to the end of its row (the conclusion,
+    its closing tag and ``<emb>``) counts w times in the mean and the other answer tokens once: the conclusion
+    is the part of the CoT the embedding reads. w = 1 is the plain token mean.
     """
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __init__(self, conclusion_id: int | None = None):
+        super().__init__()
+        self.conclusion_id = conclusion_id
+
+    def token_weights(self, labels: torch.Tensor, conclusion_weight: float = 1.0) -> torch.Tensor:
+        """(b, t - 1) weights of the shifted labels: 0 where ignored, ``conclusion_weight`` in the conclusion,
+        1 elsewhere."""
+        shift = labels[:, 1:]
+        weights = (shift != IGNORE_INDEX).float()
+        if conclusion_weight != 1.0:
+            if self.conclusion_id is None:
+                raise ValueError("a conclusion weight needs the <conclusion> token id")
+            in_conclusion = (shift == self.conclusion_id).cumsum(dim=1) > 0
+            weights = torch.where(in_conclusion, weights * conclusion_weight, weights)
+        return weights
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, conclusion_weight: float = 1.0
+    ) -> torch.Tensor:
         if logits.shape[:2] != labels.shape:
             raise ValueError(
                 f"logits (b, t, v) and labels (b, t) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}"
             )
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = labels[:, 1:].to(logits.device)
-        mask = shift_labels != IGNORE_INDEX
-        if not bool(mask.any()):
-            return shift_logits.sum() * 0.0
-        return F.cross_entropy(shift_logits[mask], shift_labels[mask])
+        return self.over_batches([(logits, labels)], conclusion_weight)
 
-    def over_batches(self, parts: list[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
-        """The mean over every supervised token of several (logits, labels) sub-batches, as if they were one
-        batch (logits None: the sub-batch has no supervised token). Logits are ``(b, t, V)`` aligned with the
-        labels, or ``(n, V)`` for the labelled positions only (``CIRCoT.embed_batch(labelled_logits=True)``)."""
-        total, count, anchor = None, 0, None
+    def weighted_sum(
+        self, logits: torch.Tensor, labels: torch.Tensor, conclusion_weight: float = 1.0
+    ) -> tuple[torch.Tensor, float]:
+        """The weighted sum of the token losses of one sub-batch and the sum of its weights (0: nothing
+        supervised). Logits are ``(b, t, V)`` aligned with the labels, or ``(n, V)`` for the labelled
+        positions only (``CIRCoT.embed_batch(labelled_logits=True)``)."""
+        labels = labels.to(logits.device)
+        shift_labels = labels[:, 1:]
+        mask = shift_labels != IGNORE_INDEX
+        weights = self.token_weights(labels, conclusion_weight)[mask]
+        total = float(weights.sum())
+        if not total:
+            return logits.float().sum() * 0.0, 0.0
+        picked = logits.float() if logits.dim() == 2 else logits[:, :-1, :].float()[mask]
+        losses = F.cross_entropy(picked, shift_labels[mask], reduction="none")
+        return (losses * weights).sum(), total
+
+    def over_batches(
+        self, parts: list[tuple[torch.Tensor | None, torch.Tensor]], conclusion_weight: float = 1.0
+    ) -> torch.Tensor:
+        """The weighted mean over every supervised token of several (logits, labels) sub-batches, as if they
+        were one batch (logits None: the sub-batch has no supervised token)."""
+        total, weight, anchor = None, 0.0, None
         for logits, labels in parts:
             if logits is None:
                 continue
-            shift_labels = labels[:, 1:].to(logits.device)
-            mask = shift_labels != IGNORE_INDEX
             anchor = logits
-            n = int(mask.sum())
-            if not n:
+            part, w = self.weighted_sum(logits, labels, conclusion_weight)
+            if not w:
                 continue
-            picked = logits.float() if logits.dim() == 2 else logits[:, :-1, :].float()[mask]
-            part = F.cross_entropy(picked, shift_labels[mask], reduction="sum")
             total = part if total is None else total + part
-            count += n
+            weight += w
         if total is None:
             if anchor is None:
                 raise ValueError("no logits to compute the cross-entropy of")
             return anchor.float().sum() * 0.0
-        return total / count
+        return total / weight
 
 
 __all__ = ["IGNORE_INDEX", "CoTCrossEntropy", "InfoNCELoss", "gather_with_grad"]

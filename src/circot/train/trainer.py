@@ -34,7 +34,8 @@ from torch import nn
 from circot.data import load_split
 from circot.data.records import CIRSplit
 from circot.errors import ConfigError, DataError
-from circot.prompts import CoT, format_cot
+from circot.prompts import TAGS, CoT, format_cot
+from circot.tokenizer import token_id
 from circot.train.config import StageSection, TrainConfig, atomic_write_text, load_config
 from circot.train.data import (
     IDENTITY_REASONING,
@@ -438,7 +439,7 @@ class Trainer:
         self.model.images.cache_size = max(self.model.images.cache_size, TRAIN_IMAGE_CACHE)
         self.temperature = self.cfg.loss.temperature or float(self.model.config.temperature)
         self.info_nce = InfoNCELoss(self.temperature, symmetric=self.cfg.loss.symmetric, gather=True)
-        self.cross_entropy = CoTCrossEntropy()
+        self.cross_entropy = CoTCrossEntropy(token_id(self.model.tokenizer, TAGS["conclusion"][0]))
         head = None
         if self.perception_train is not None:
             from circot.train.perception import PerceptionHead
@@ -648,7 +649,9 @@ class Trainer:
             losses["info_nce"] = info
             total = total + stage.lambda_info * info * self.accelerator.num_processes
         if n_full and stage.lambda_txt > 0:
-            ce = self.cross_entropy.over_batches([(outs[j][1], built[j]["labels"]) for j in range(n_full)])
+            ce = self.cross_entropy.over_batches(
+                [(outs[j][1], built[j]["labels"]) for j in range(n_full)], stage.conclusion_weight
+            )
             losses["cot_ce"] = ce
             total = total + stage.lambda_txt * ce
         losses["total"] = total
@@ -696,7 +699,10 @@ class Trainer:
         q_emb = _in_batch_order(torch.cat(leaves[:n_query]), order)
         info = self._contrastive(q_emb, leaves[n_query], examples, use_hard)
         (stage.lambda_info * info * self.accelerator.num_processes).backward()
-        ce_tokens = sum(int((built[j]["labels"][:, 1:] != IGNORE_INDEX).sum()) for j in range(n_full))
+        weight = stage.conclusion_weight
+        ce_weight = sum(
+            float(self.cross_entropy.token_weights(built[j]["labels"], weight).sum()) for j in range(n_full)
+        )
         ce_sum = torch.zeros((), device=info.device)
         for i, (j, rows) in enumerate(pieces):
             _set_rng_state(states[i])
@@ -704,18 +710,17 @@ class Trainer:
             with self.accelerator.autocast():
                 emb, logits = self.forward([chunk])[0]
             surrogate = (emb.float() * leaves[j].grad[rows.start : rows.stop]).sum()
-            if j < n_full and stage.lambda_txt > 0 and logits is not None and ce_tokens:
-                part = self.cross_entropy.over_batches([(logits, chunk["labels"])])
-                n_tok = int((chunk["labels"][:, 1:] != IGNORE_INDEX).sum())
-                surrogate = surrogate + stage.lambda_txt * part * n_tok / ce_tokens
-                ce_sum = ce_sum + part.detach() * n_tok
+            if j < n_full and stage.lambda_txt > 0 and logits is not None and ce_weight:
+                part, _ = self.cross_entropy.weighted_sum(logits, chunk["labels"], weight)
+                surrogate = surrogate + stage.lambda_txt * part / ce_weight
+                ce_sum = ce_sum + part.detach()
             ctx = self.accelerator.no_sync(self.forward) if i < len(pieces) - 1 else _null()
             with ctx:
                 self.accelerator.backward(surrogate * scale)
         losses = {"info_nce": info.detach()}
         total = stage.lambda_info * info.detach() * self.accelerator.num_processes
         if n_full and stage.lambda_txt > 0:
-            losses["cot_ce"] = ce_sum / max(1, ce_tokens)
+            losses["cot_ce"] = ce_sum / max(1.0, ce_weight)
             total = total + stage.lambda_txt * losses["cot_ce"]
         losses["total"] = total
         losses["backward_done"] = torch.ones(())
