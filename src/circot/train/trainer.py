@@ -208,7 +208,10 @@ def _digest(module: nn.Module) -> str:
     return hash_weights(hashlib.sha256(), module).hexdigest()[:16]
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_native_bf16(cpuinfo: Path = CPUINFO) -> bool | None:
     """Whether the CPU has bf16 matmul instructions (avx512_bf16 or amx_bf16); None where it cannot tell."""
     try:
         flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
@@ -217,7 +220,7 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _resolve_precision(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def _resolve_precision(name: str, cpuinfo: Path = CPUINFO) -> str:
     """``auto``: bf16 on a GPU that has it, else full precision (``bf16`` on a CPU is bf16 autocast).
 
     bf16 autocast on a CPU without bf16 instructions is emulated: a matmul of the tiny model's MLP shape ran
