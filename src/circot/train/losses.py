@@ -171,12 +171,12 @@ class CoTCrossEntropy(nn.Module):
         shift_labels = labels[:, 1:]
         mask = shift_labels != IGNORE_INDEX
         weights = self.token_weights(labels, conclusion_weight)[mask]
-        total = float(weights.sum())
-        if not total:
+        weight_sum = float(weights.sum())
+        if not weight_sum:
             return logits.float().sum() * 0.0, 0.0
         picked = logits.float() if logits.dim() == 2 else logits[:, :-1, :].float()[mask]
         losses = F.cross_entropy(picked, shift_labels[mask], reduction="none")
-        return (losses * weights).sum(), total
+        return (losses * weights).sum(), weight_sum
 
     def over_batches(
         self, parts: list[tuple[torch.Tensor | None, torch.Tensor]], conclusion_weight: float = 1.0
