@@ -44,6 +44,9 @@ def test_yaml_file_with_overrides_and_round_trip(tmp_path):
         (["stages.0.identity_prob=2"], "stages.0 (stage).identity_prob"),
         (["stages.0.lambda_info=0"], "lambda_info 0 needs a full stage"),
         (["stages.0.conclusion_weight=0"], "stages.0 (stage).conclusion_weight must be > 0"),
+        (["stages.0.family_weights.swap=-1"], "stages.0 (stage).family_weights.swap must be >= 0"),
+        (["stages.0.family_weights.swap=often"], "stages.0.family_weights.swap: expected a number"),
+        (["stages.0.family_weights=3"], "stages.0.family_weights: expected a mapping"),
     ],
 )
 def test_bad_overrides_are_one_line_config_errors(overrides, fragment):

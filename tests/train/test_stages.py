@@ -275,6 +275,49 @@ def test_steered_rows_take_another_conclusion_and_its_target(tmp_path, world):
     assert steered >= 6
 
 
+def test_family_weights_draw_the_rows_of_a_stage_by_family(tmp_path, world):
+    stage = {"name": "cot", "mode": "full", "steps": 4, "lr": 3e-3, "freeze": FROZEN}
+    tr = _trainer(_cfg(tmp_path, world, [stage]))
+    families = sorted({e.family for e in tr.examples})
+    assert len(families) > 2
+    only = families[0]
+    weights = {f: 0.0 for f in families[1:]}
+    tr = _trainer(_cfg(tmp_path, world, [{**stage, "family_weights": weights}]))
+    calls = []
+    real = tr.model.build_batch
+
+    def spy(images, texts=None, cots=None, mode="gallery", image_features=None):
+        calls.append((mode, list(images)))
+        return real(images, texts, cots=cots, mode=mode, image_features=image_features)
+
+    tr.model.build_batch = spy
+    others = [e for e in tr.examples if e.family != only][:8]
+    tr._micro_step({"index": list(range(8)), "example": others}, tr.cfg.stages[0], random.Random(3))
+    references = {str(e.reference) for e in tr.examples if e.family == only}
+    drawn = [image for mode, images in calls if mode == "full" for image in images]
+    assert len(drawn) == 8 and {str(image) for image in drawn} <= references
+    # a weight above 1 draws that family more often, in proportion; the draw is a function of the generator
+    tr = _trainer(_cfg(tmp_path, world, [{**stage, "family_weights": {only: 4.0}}]))
+    picks = tr._family_draw(tr.cfg.stages[0], random.Random(0), 20_000)
+    assert picks == tr._family_draw(tr.cfg.stages[0], random.Random(0), 20_000)
+    n_only = sum(e.family == only for e in tr.examples)
+    expected = 4 * n_only / (len(tr.examples) + 3 * n_only)
+    share = sum(tr.examples[j].family == only for j in picks) / len(picks)
+    assert abs(share - expected) < 0.02 and share > 1.5 * n_only / len(tr.examples)
+
+
+def test_family_weights_must_name_families_of_the_training_data(tmp_path, world):
+    stage = {"name": "cot", "mode": "full", "steps": 4, "family_weights": {"twostep": 2.0}}
+    with pytest.raises(
+        ConfigError, match=r"stages.0 \(cot\).family_weights: no training example of family 'twostep'"
+    ):
+        Trainer(_cfg(tmp_path, world, [stage]))._load_data()
+    tr = _trainer(_cfg(tmp_path, world, [{"name": "cot", "mode": "full", "steps": 4}]))
+    stage["family_weights"] = {e.family: 0.0 for e in tr.examples}
+    with pytest.raises(ConfigError, match=r"stages.0 \(cot\).family_weights: every example has weight 0"):
+        Trainer(_cfg(tmp_path, world, [stage]))._load_data()
+
+
 # ----------------------------------------------------------------------------------------------- length groups
 def test_length_groups_cover_every_row_once_sorted_by_length():
     rows = list(range(10))

@@ -131,7 +131,10 @@ class StageSection:
     prefixes kept fixed in this stage (``model.model.visual`` is the vision tower; while it is frozen its
     outputs are computed once per training image and cached). ``conclusion_weight``: in the CE, each token of
     the conclusion (from ``<conclusion>`` to ``<emb>``) counts this many times against once for the caption's
-    and reasoning's (1 = the plain token mean).
+    and reasoning's (1 = the plain token mean). ``family_weights``: ``{family: weight}``; when set, the stage's
+    rows are drawn afresh with replacement, each training example with probability proportional to its
+    family's weight (1 for a family not named; identity rows are the family ``identity``), so that a stage can
+    dwell on the edits the model gets wrong.
     """
 
     name: str = "stage"
@@ -150,6 +153,7 @@ class StageSection:
     identity_prob: float = 0.0
     steer_prob: float = 0.0
     conclusion_weight: float = 1.0
+    family_weights: dict[str, float] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
 
 
@@ -207,6 +211,9 @@ class TrainConfig:
                 )
             if st.conclusion_weight <= 0:
                 raise ConfigError(f"{where}.conclusion_weight must be > 0, got {st.conclusion_weight}")
+            for family, w in st.family_weights.items():
+                if w < 0:
+                    raise ConfigError(f"{where}.family_weights.{family} must be >= 0, got {w}")
             if st.steps < 0 or st.warmup < 0 or st.lr <= 0:
                 raise ConfigError(f"{where}: steps and warmup must be >= 0 and lr > 0")
             for name in (
@@ -285,6 +292,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list")
         return [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        return {_coerce(key_tp, k, where): _coerce(value_tp, v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list")

@@ -16,6 +16,7 @@ under ``checkpoints/``; ``resume=True`` continues from the newest one, with the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -413,6 +414,24 @@ class Trainer:
         if cfg.val_split:
             self.val_split = load_split(cfg.dataset, cfg.root, cfg.val_split, **cfg.options)
         logger.info("training examples: %d (%s/%s)", len(self.examples), cfg.dataset, cfg.train_split)
+        self._family_cum: dict[tuple[tuple[str, float], ...], list[float]] = {}
+        families = {e.family or "" for e in self.examples}
+        for i, st in enumerate(self.cfg.stages):
+            key = tuple(sorted(st.family_weights.items()))
+            if not key or key in self._family_cum:
+                continue
+            unknown = sorted(set(st.family_weights) - families)
+            if unknown:
+                raise ConfigError(
+                    f"stages.{i} ({st.name}).family_weights: no training example of family "
+                    f"{', '.join(map(repr, unknown))} (families: {', '.join(sorted(families))})"
+                )
+            cum = list(
+                itertools.accumulate(st.family_weights.get(e.family or "", 1.0) for e in self.examples)
+            )
+            if cum[-1] <= 0:
+                raise ConfigError(f"stages.{i} ({st.name}).family_weights: every example has weight 0")
+            self._family_cum[key] = cum
         self.perception_train = self.perception_val = None
         if any(st.mode == "perception" for st in self.cfg.stages):
             from circot.train.perception import load_perception_data
@@ -552,6 +571,14 @@ class Trainer:
         loss = perception_loss(logits, labels.to(self.accelerator.device))
         return {"perception": loss, "total": loss}
 
+    def _family_draw(self, stage: StageSection, rng: random.Random, n: int) -> list[int]:
+        """Example indices for a micro-batch of ``n`` rows, drawn with replacement by ``stage.family_weights``.
+        Every process draws the global batch from the same generator and takes its slice."""
+        cum = self._family_cum[tuple(sorted(stage.family_weights.items()))]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        picks = rng.choices(range(len(self.examples)), cum_weights=cum, k=n * world)
+        return picks[rank * n : (rank + 1) * n]
+
     def _micro_step(
         self, batch: dict[str, list[Any]], stage: StageSection, rng: random.Random, scale: float | None = None
     ) -> dict[str, torch.Tensor]:
@@ -562,6 +589,9 @@ class Trainer:
         examples: list[Example] = list(batch["example"])
         indices: list[int] = batch["index"]
         n = len(examples)
+        if stage.family_weights:
+            indices = self._family_draw(stage, rng, n)
+            examples = [self.examples[j] for j in indices]
         if stage.identity_prob:
             for i in range(n):
                 if not examples[i].identity and rng.random() < stage.identity_prob:
