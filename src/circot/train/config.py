@@ -20,6 +20,7 @@ Layout (every field has a default; see ``configs/`` for complete examples)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -209,13 +210,18 @@ class TrainConfig:
                 raise ConfigError(
                     f"{where}: lambda_info 0 needs a full stage with lambda_txt > 0 (nothing to learn)"
                 )
-            if st.conclusion_weight <= 0:
-                raise ConfigError(f"{where}.conclusion_weight must be > 0, got {st.conclusion_weight}")
+            # written so that NaN fails too (every comparison with NaN is false)
+            if not 0 < st.conclusion_weight < math.inf:
+                raise ConfigError(
+                    f"{where}.conclusion_weight must be a finite number > 0, got {st.conclusion_weight}"
+                )
             for family, w in st.family_weights.items():
-                if w < 0:
-                    raise ConfigError(f"{where}.family_weights.{family} must be >= 0, got {w}")
-            if st.steps < 0 or st.warmup < 0 or st.lr <= 0:
-                raise ConfigError(f"{where}: steps and warmup must be >= 0 and lr > 0")
+                if not 0 <= w < math.inf:
+                    raise ConfigError(
+                        f"{where}.family_weights.{family} must be a finite number >= 0, got {w}"
+                    )
+            if st.steps < 0 or st.warmup < 0 or not 0 < st.lr < math.inf:
+                raise ConfigError(f"{where}: steps and warmup must be >= 0 and lr a finite number > 0")
             for name in (
                 "fast_fraction",
                 "generated_fraction",
