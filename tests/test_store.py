@@ -286,6 +286,8 @@ def test_closing_one_milvus_lite_store_leaves_the_others_of_the_process_working(
         assert len(first) == 2 and first.search(x[1:2], 1)[1][0, 0] == "b"
     finally:
         first.close()
+    with pytest.raises(CircotError, match="searching on a closed store handle; open it again"):
+        second.search(x[:1], 1)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])

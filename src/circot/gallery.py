@@ -384,7 +384,8 @@ def build_index(
     instead of failing, and list them in ``out/skipped.json`` (also in ``index.skipped``).
 
     ``model_ref`` (a hub id or path) is recorded so that ``circot search`` can load the model by itself.
-    Returns the index on rank 0 and ``None`` on other ranks of a sharded run.
+    Returns the index on rank 0 and ``None`` on other ranks of a sharded run; a Milvus store comes back
+    closed, for its ``manifest`` and ``skipped`` (open it again with :func:`circot.open_store` to search).
     """
     check_batch_size(batch_size)
     ids, paths = _items(images, ids)
@@ -592,7 +593,8 @@ def add_images(
 ) -> tuple[GalleryIndex | None, int]:
     """Add the images not yet in the index at ``index_path`` (by id); old images are never re-encoded.
 
-    Returns ``(index, number added)``; ``(None, 0)`` on ranks other than 0. The index folder is locked
+    Returns ``(index, number added)``; ``(None, 0)`` on ranks other than 0. A Milvus store comes back
+    closed, as from :func:`build_index`. The index folder is locked
     from reading to saving, so that two runs at once cannot lose each other's images: the second one stops
     with a :class:`CircotError`. ``skip_bad``: as for :func:`build_index`; the images left out are in
     ``index.skipped`` and added to the index's skip report.

@@ -401,6 +401,11 @@ class _Client:
                     server_manager_instance.release_server(str(self.spec.path))
 
     def call(self, what: str, fn: str, *args: Any, **kwargs: Any) -> Any:
+        if self.client is None:
+            raise CircotError(
+                f"store {self.spec.uri!r}: {what} on a closed store handle; open it again with "
+                "circot.open_store(uri)"
+            )
         try:
             return getattr(self.client, fn)(*args, **kwargs)
         except Exception as exc:
