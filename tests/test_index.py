@@ -129,6 +129,23 @@ def test_interrupted_save_keeps_previous_index(tmp_path, monkeypatch):
     monkeypatch.undo()
     loaded = GalleryIndex.load(tmp_path / "ix")
     assert len(loaded) == 10 and "extra" not in loaded
+    # The killed save left its vectors; a kill mid-write leaves temporary files too. The next save removes them
+    # and nothing else.
+    left = (
+        {p.name for p in (tmp_path / "ix").iterdir()}
+        - set(loaded.manifest.files.values())
+        - {"manifest.json"}
+    )
+    assert len(left) == 1 and left.pop().startswith("vectors-000002-")
+    killed = [".items-000003-0123abcd.json." + "ab" * 16 + ".tmp", ".vectors-000003-0123abcd.faiss.tmp"]
+    mine = ["vectors-2.faiss", "items-000002-notes.json", "notes.txt"]
+    for name in killed + mine:
+        (tmp_path / "ix" / name).write_text("x")
+    idx.save(tmp_path / "ix")
+    files = read_manifest(tmp_path / "ix").files
+    assert {p.name for p in (tmp_path / "ix").iterdir()} == {"manifest.json", *files.values(), *mine}
+    assert files["index"].startswith("vectors-000004-")  # numbered past what the killed saves left
+    assert len(GalleryIndex.load(tmp_path / "ix")) == 11
 
 
 def test_batched_flat_search_matches_faiss_and_brute_force(tmp_path):

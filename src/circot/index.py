@@ -8,8 +8,8 @@ An index folder holds::
     items-<gen>.json        {"ids": [...], "paths": [...]} in row order
 
 Saving writes a new generation's files beside the old ones, then replaces ``manifest.json`` atomically, then
-removes the previous generation's files. A crash at any moment leaves either the old index or the new one,
-never a mix.
+removes the previous generation's files, and those that a crashed save of an earlier generation left behind. A
+crash at any moment leaves either the old index or the new one, never a mix.
 
 Scores are inner products of L2-normalised vectors (cosine similarity) with the default ``"Flat"`` factory,
 which is exact. Any faiss factory string works (``"IVF1024,Flat"``, ``"IVF4096,PQ32"``, ``"HNSW32"``...);
@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,23 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+# The files of one save (and their temporary forms): vectors-000012-1a2b3c4d.faiss, .items-000012-1a2b3c4d.json.<hex>.tmp
+_SAVE_FILE = re.compile(
+    r"\.?(?:vectors|items)-(\d{6})-[0-9a-f]{8}\.(?:faiss|json)(?:\.[0-9a-f]{32})?(?:\.tmp)?"
+)
+
+
+def _save_files(folder: Path) -> list[tuple[int, Path]]:
+    """``(generation, path)`` of every file in ``folder`` named exactly as a save names its files, so that a
+    user's own files, whatever their names, are never taken for them."""
+    found = []
+    for path in folder.iterdir():
+        match = _SAVE_FILE.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return found
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -436,12 +454,17 @@ class GalleryIndex:
 
     # ----------------------------------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
-        """Save to folder ``path`` atomically (see the module docstring); returns the folder."""
+        """Save to folder ``path`` atomically (see the module docstring); returns the folder.
+
+        One writer at a time: the builders in :mod:`circot.gallery` hold :func:`index_lock` around it."""
         faiss = _faiss()
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         previous = _read_manifest_if_any(folder)
-        gen = max(self.manifest.generation, previous.generation if previous else 0) + 1
+        on_disk = _save_files(folder)  # the committed generation's, and any a killed save left uncommitted
+        gen = 1 + max(
+            [self.manifest.generation, previous.generation if previous else 0, *(g for g, _ in on_disk)]
+        )
         tag = f"{gen:06d}-{uuid.uuid4().hex[:8]}"
         files = {"index": f"vectors-{tag}.faiss", "items": f"items-{tag}.json"}
         tmp_index = folder / f".{files['index']}.tmp"
@@ -466,14 +489,11 @@ class GalleryIndex:
         atomic_write_json(folder / MANIFEST_NAME, manifest.to_dict())  # the commit point
         self.manifest = manifest
         self._location = folder
-        # Only the files the previous manifest named are removed: a folder may hold the user's own files,
-        # whatever their names.
-        if previous is not None:
-            for name in set(previous.files.values()) - set(files.values()):
-                stale = folder / name
-                if stale.parent == folder and stale.is_file():
-                    with contextlib.suppress(OSError):  # another process may be cleaning too
-                        stale.unlink()
+        # Everything older than this generation goes: the previous one's files and those of killed saves.
+        for _, path in on_disk:
+            if path.is_file():
+                with contextlib.suppress(OSError):  # another process may be cleaning too
+                    path.unlink()
         logger.info("saved index with %d vectors to %s", len(self.ids), folder)
         return folder
 
