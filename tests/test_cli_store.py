@@ -42,6 +42,9 @@ def test_index_commands_and_search_on_both_stores(cli, tmp_path, model_dir, monk
         code, out, err = cli("index", "add", "--store", store, "--images", tmp_path / "more", "--json")
         assert code == 0, (kind, err)
         assert (json.loads(out)["added"], json.loads(out)["count"]) == (2, 7)
+        code, out, err = cli("index", "add", "--store", store, "--images", tmp_path / "more", "--replace")
+        assert code == 0, (kind, err)
+        assert ": 7 images (2 added or replaced)" in out
 
         (tmp_path / "drop.txt").write_text("# ids to drop\nimg-0001.png\n\nnot-in-the-index.png\n")
         code, out, err = cli(

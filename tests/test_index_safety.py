@@ -156,6 +156,35 @@ def test_add_with_skip_bad_indexes_the_readable_images_and_extends_the_report(tm
             store.close()
 
 
+@pytest.mark.parametrize("backend", ["faiss", "milvus-lite"])
+def test_add_with_replace_re_encodes_only_the_changed_images_and_replaces_their_vectors(tmp_path, backend):
+    if backend == "faiss":
+        uri = str(tmp_path / "ix")
+    else:
+        pytest.importorskip("milvus_lite")
+        uri = f"milvus-lite://{tmp_path / 'g.db'}?collection=shop"
+    write_images(tmp_path / "g", 4)
+    build_index(FakeEncoder(), tmp_path / "g", uri, cache_dir=tmp_path / "cache")
+    (tmp_path / "g" / "img-0001.png").write_bytes((tmp_path / "g" / "img-0003.png").read_bytes())  # edited
+    write_images(tmp_path / "g", 1, start=7)
+    model = FakeEncoder()
+    _, added = add_images(uri, model, tmp_path / "g", cache_dir=tmp_path / "cache")
+    assert added == 1 and model.images == 1  # without the flag, the edited image keeps its old vector
+    store, written = add_images(uri, model, tmp_path / "g", cache_dir=tmp_path / "cache", replace=True)
+    assert written == 5 and model.images == 1  # all five written; the edit's bytes were cached (as img-0003)
+    store = open_store(uri)
+    try:
+        assert len(store) == 5
+        query = FakeEncoder().encode_images([tmp_path / "g" / "img-0003.png"])
+        scores, ids = store.search(query, 2)
+        assert sorted(ids[0]) == ["img-0001.png", "img-0003.png"] and scores[0] == pytest.approx(
+            [1, 1], abs=1e-5
+        )
+    finally:
+        if hasattr(store, "close"):
+            store.close()
+
+
 def test_cli_skip_bad_prints_the_count(cli, tmp_path, monkeypatch):
     from retrieval_fakes import tiny_model_dir
 

@@ -590,10 +590,15 @@ def add_images(
     flush_every: int = 1024,
     progress: bool = False,
     skip_bad: bool = False,
+    replace: bool = False,
 ) -> tuple[GalleryIndex | None, int]:
     """Add the images not yet in the index at ``index_path`` (by id); old images are never re-encoded.
 
-    Returns ``(index, number added)``; ``(None, 0)`` on ranks other than 0. A Milvus store comes back
+    ``replace``: encode the images whose ids the index holds as well, and replace their vectors and paths (an
+    image edited or moved on disk; the embedding cache is keyed by the image's bytes, so only changed images
+    are encoded again).
+
+    Returns ``(index, number added or replaced)``; ``(None, 0)`` on ranks other than 0. A Milvus store comes back
     closed, as from :func:`build_index`. The index folder is locked
     from reading to saving, so that two runs at once cannot lose each other's images: the second one stops
     with a :class:`CircotError`. ``skip_bad``: as for :func:`build_index`; the images left out are in
@@ -613,6 +618,7 @@ def add_images(
             flush_every,
             progress,
             skip_bad,
+            replace,
         )
     index_path = Path(index_path)
     read_manifest(index_path)
@@ -620,15 +626,25 @@ def add_images(
     with index_lock(index_path) if rank == 0 else contextlib.nullcontext():
         return _add_locked(
             index_path, model, images, batch_size, cache_dir, use_cache, cache_dtype, flush_every, progress,
-            skip_bad,
+            skip_bad, replace,
         )  # fmt: skip
 
 
-def _new_items(ids: list[str], paths: list[Path], known: set[str]) -> tuple[list[str], list[Path]]:
-    """The ids and paths of an add that the index does not hold yet."""
+def _new_items(
+    ids: list[str], paths: list[Path], known: set[str], replace: bool
+) -> tuple[list[str], list[Path]]:
+    """The ids and paths that an add writes: those the index does not hold yet, or all of them (``replace``)."""
+    held = sum(i in known for i in ids)
+    if held:
+        logger.info(
+            "%d of %d images are already in the index%s",
+            held,
+            len(ids),
+            "; they are replaced" if replace else "",
+        )
+    if replace:
+        return ids, paths
     new = [(i, p) for i, p in zip(ids, paths, strict=True) if i not in known]
-    if len(new) < len(ids):
-        logger.info("%d of %d images are already in the index", len(ids) - len(new), len(ids))
     return [i for i, _ in new], [p for _, p in new]
 
 
@@ -643,6 +659,7 @@ def _add_locked(
     flush_every: int,
     progress: bool,
     skip_bad: bool,
+    replace: bool,
 ) -> tuple[GalleryIndex | None, int]:
     manifest = read_manifest(index_path)
     check_fingerprint(manifest, model.fingerprint, index_path)
@@ -653,7 +670,7 @@ def _add_locked(
         known = set(index.ids)
     else:
         index, known = None, set(read_ids(index_path))
-    new_ids, new_paths = _new_items(ids, paths, known)
+    new_ids, new_paths = _new_items(ids, paths, known, replace)
     if not new_ids:
         return index, 0
     work_dir = _work_dir(index_path)
@@ -664,7 +681,7 @@ def _add_locked(
     if encoded is None or index is None:
         return None, 0
     vectors, ids, paths, skipped = encoded
-    index.add(vectors, ids, [str(p) for p in paths])
+    index.upsert(vectors, ids, [str(p) for p in paths])  # = add when nothing is replaced
     index.save(index_path)
     if skipped is not None:  # after the save: the report never lists an add that did not land
         write_skip_report(index_path / SKIP_REPORT_NAME, new_ids, skipped, new_paths, keep_earlier=True)
@@ -684,6 +701,7 @@ def _add_to_milvus(
     flush_every: int,
     progress: bool,
     skip_bad: bool,
+    replace: bool,
 ) -> tuple[Any, int]:
     """:func:`add_images` into a Milvus store (one process: the engine serialises the writers)."""
     _, world = distributed_context()
@@ -696,7 +714,7 @@ def _add_to_milvus(
     with store_writer(spec) as store:
         check_fingerprint(store, model.fingerprint, spec)
         known = set(store.ids)
-        new_ids, new_paths = _new_items(ids, paths, known)
+        new_ids, new_paths = _new_items(ids, paths, known, replace)
         if not new_ids:
             return store, 0
         work_dir = store_work_dir(spec, cache_dir)
@@ -706,7 +724,7 @@ def _add_to_milvus(
         )  # fmt: skip
         assert encoded is not None  # rank 0 of one process
         vectors, ids, paths, skipped = encoded
-        store.add(vectors, ids, [str(p) for p in paths])
+        store.upsert(vectors, ids, [str(p) for p in paths])  # = add when nothing is replaced
     report = skip_report_path(spec)
     if skipped is not None and report is not None:  # after the writer closed: the add has landed
         write_skip_report(report, new_ids, skipped, new_paths, keep_earlier=True)

@@ -34,11 +34,11 @@ def _summary(index, out: str, added: int | None, seconds: float) -> dict:
     }
 
 
-def _echo(info: dict, as_json: bool, verb: str) -> None:
+def _echo(info: dict, as_json: bool, verb: str, added: str = "added") -> None:
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
-    extra = f" ({info['added']} added)" if info.get("added") is not None else ""
+    extra = f" ({info['added']} {added})" if info.get("added") is not None else ""
     typer.echo(
         f"{verb} {info['index']}: {info['count']} images{extra}, dim {info['dim']}, factory {info['factory']}, "
         f"model {info['model'] or '?'} [{info['model_fingerprint']}] in {info['seconds']:.1f}s"
@@ -135,6 +135,11 @@ def add_command(
     images: Path = typer.Option(
         ..., "--images", help="Folder of images or a text file of paths; known ids are skipped."
     ),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="Encode the known ids too and replace their vectors and paths (edited images).",
+    ),
     model: str = typer.Option(None, "--model", help="Model; default: the one recorded in the index."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     cache: Path = typer.Option(None, "--cache", help="Embedding cache folder."),
@@ -146,7 +151,8 @@ def add_command(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """Add the new images under --images to an index, without re-encoding the images it holds."""
+    """Add the new images under --images to an index, without re-encoding the images it holds (--replace: and
+    replace those it holds)."""
     import time
 
     from circot.gallery import add_images, list_images, skip_report_path
@@ -167,12 +173,13 @@ def add_command(
         cache_dtype="float16" if fp16_cache else "float32",
         progress=not as_json,
         skip_bad=skip_bad,
+        replace=replace,
     )
     if result is not None:
         info = _summary(result, index, added, time.perf_counter() - t0)
         if skip_bad:
             _note_skipped(info, result, skip_report_path(parse_store_uri(index)))
-        _echo(info, as_json, "updated")
+        _echo(info, as_json, "updated", "added or replaced" if replace else "added")
 
 
 @index_app.command("remove")
