@@ -592,7 +592,8 @@ def add_images(
     skip_bad: bool = False,
     replace: bool = False,
 ) -> tuple[GalleryIndex | None, int]:
-    """Add the images not yet in the index at ``index_path`` (by id); old images are never re-encoded.
+    """Add the images not yet in the index at ``index_path`` (by id); without ``replace``, the images it holds
+    are never re-encoded.
 
     ``replace``: encode the images whose ids the index holds as well, and replace their vectors and paths (an
     image edited or moved on disk; the embedding cache is keyed by the image's bytes, so only changed images

@@ -55,7 +55,8 @@ def _faiss():
     return faiss
 
 
-# The files of one save (and their temporary forms): vectors-000012-1a2b3c4d.faiss, .items-000012-1a2b3c4d.json.<hex>.tmp
+# The files of one save and their temporary forms, e.g. vectors-000012-1a2b3c4d.faiss and
+# .items-000012-1a2b3c4d.json.<32 hex>.tmp
 _SAVE_FILE = re.compile(
     r"\.?(?:vectors|items)-(\d{6})-[0-9a-f]{8}\.(?:faiss|json)(?:\.[0-9a-f]{32})?(?:\.tmp)?"
 )
