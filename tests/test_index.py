@@ -167,3 +167,15 @@ def test_batched_flat_search_matches_faiss_and_brute_force(tmp_path):
     idx.save(tmp_path / "ix")
     mm = GalleryIndex.load(tmp_path / "ix", mmap=True)
     assert mm.search_positions(q, 12)[1].tolist() == ref_r.tolist()
+
+
+def test_save_files_are_recognised_past_generation_999999(tmp_path):
+    from circot.index import _save_files
+
+    for name in [
+        "vectors-1000000-0123abcd.faiss",
+        "items-1000000-0123abcd.json",
+        "vectors-12345-0123abcd.faiss",
+    ]:
+        (tmp_path / name).write_text("x")
+    assert sorted(g for g, _ in _save_files(tmp_path)) == [1000000, 1000000]  # five digits: not a save's name

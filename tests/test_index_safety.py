@@ -170,7 +170,7 @@ def test_add_with_replace_re_encodes_only_the_changed_images_and_replaces_their_
     model = FakeEncoder()
     _, added = add_images(uri, model, tmp_path / "g", cache_dir=tmp_path / "cache")
     assert added == 1 and model.images == 1  # without the flag, the edited image keeps its old vector
-    store, written = add_images(uri, model, tmp_path / "g", cache_dir=tmp_path / "cache", replace=True)
+    _, written = add_images(uri, model, tmp_path / "g", cache_dir=tmp_path / "cache", replace=True)
     assert written == 5 and model.images == 1  # all five written; the edit's bytes were cached (as img-0003)
     store = open_store(uri)
     try:

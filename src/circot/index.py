@@ -58,7 +58,7 @@ def _faiss():
 # The files of one save and their temporary forms, e.g. vectors-000012-1a2b3c4d.faiss and
 # .items-000012-1a2b3c4d.json.<32 hex>.tmp
 _SAVE_FILE = re.compile(
-    r"\.?(?:vectors|items)-(\d{6})-[0-9a-f]{8}\.(?:faiss|json)(?:\.[0-9a-f]{32})?(?:\.tmp)?"
+    r"\.?(?:vectors|items)-(\d{6,})-[0-9a-f]{8}\.(?:faiss|json)(?:\.[0-9a-f]{32})?(?:\.tmp)?"
 )
 
 
