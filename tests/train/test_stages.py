@@ -318,6 +318,52 @@ def test_family_weights_must_name_families_of_the_training_data(tmp_path, world)
         Trainer(_cfg(tmp_path, world, [stage]))._load_data()
 
 
+# ---------------------------------------------------------------------------------------------- stage train_root
+def test_a_stage_trains_on_its_own_root_and_the_rest_on_data_root(tmp_path, world, monkeypatch):
+    from circot.data import shapes
+    from circot.train.trainer import train
+
+    bigger = shapes.generate(tmp_path / "bigger", seed=9, n_train=24, n_val=0, n_test=0, n_novel=0)
+    stages = [
+        {"name": "see", "mode": "perception", "steps": 1, "lr": 3e-3},
+        {"name": "align", "mode": "fast", "steps": 2, "lr": 3e-3, "freeze": FROZEN},
+        {"name": "more", "mode": "fast", "steps": 2, "lr": 3e-3, "freeze": FROZEN, "train_root": str(bigger)},
+    ]
+    cfg = _cfg(tmp_path, world, stages)
+    seen: list[tuple[int, str]] = []
+    real = Trainer._micro_step
+
+    def spy(self, batch, stage, rng, scale=None):
+        seen.extend((self.cfg.stages.index(stage), str(e.reference)) for e in batch["example"])
+        assert self.examples is self._train_sets[stage.train_root or str(world)].examples
+        return real(self, batch, stage, rng, scale)
+
+    monkeypatch.setattr(Trainer, "_micro_step", spy)
+    result = train(cfg)
+    assert result.steps == 5
+    roots = {stage: {path.startswith(str(bigger)) for s, path in seen if s == stage} for stage in (1, 2)}
+    assert roots == {1: {False}, 2: {True}}
+    assert {path.startswith(str(world)) for s, path in seen if s == 1} == {True}
+    # the perception images are data.root's when the stage names no root, and the tokenizer data.root's
+    tr = Trainer(_cfg(tmp_path, world, stages, run_dir=str(tmp_path / "other")))
+    tr._load_data()
+    assert tr.perception_train.paths[0].is_relative_to(world) and len(tr._train_sets) == 2
+    assert tr.examples is tr._train_sets[str(world)].examples
+    moved = [stages[0] | {"train_root": str(bigger)}, stages[1]]
+    tr = Trainer(_cfg(tmp_path, world, moved, run_dir=str(tmp_path / "third")))
+    tr._load_data()
+    assert tr._train_sets[str(bigger)].perception.paths[0].is_relative_to(bigger)
+    assert tr._train_sets[str(world)].perception is None
+
+
+def test_a_missing_train_root_is_a_data_error_naming_it(tmp_path, world):
+    stage = {"name": "more", "mode": "fast", "steps": 1, "train_root": str(tmp_path / "nowhere")}
+    with pytest.raises(DataError, match="nowhere"):
+        Trainer(_cfg(tmp_path, world, [stage]))._load_data()
+    with pytest.raises(ConfigError, match=r"stages.0 \(more\).train_root must be a folder"):
+        _cfg(tmp_path, world, [{**stage, "train_root": " "}])
+
+
 # ----------------------------------------------------------------------------------------------- length groups
 def test_length_groups_cover_every_row_once_sorted_by_length():
     rows = list(range(10))

@@ -135,7 +135,10 @@ class StageSection:
     and reasoning's (1 = the plain token mean). ``family_weights``: ``{family: weight}``; when set, the stage's
     rows are drawn afresh with replacement, each training example with probability proportional to its
     family's weight (1 for a family not named; identity rows are the family ``identity``), so that a stage can
-    dwell on the edits the model gets wrong.
+    dwell on the edits the model gets wrong. ``train_root``: the stage draws its rows (or, in a perception
+    stage, its images) from the training split under this root instead of ``data.root`` (same dataset, split
+    name and options; None = ``data.root``); validation and the tokenizer of a fresh model stay ``data.root``'s,
+    so that a later stage can train on a larger split of the same world.
     """
 
     name: str = "stage"
@@ -156,6 +159,7 @@ class StageSection:
     conclusion_weight: float = 1.0
     family_weights: dict[str, float] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
+    train_root: str | None = None
 
 
 @dataclass
@@ -220,6 +224,8 @@ class TrainConfig:
                     raise ConfigError(
                         f"{where}.family_weights.{family} must be a finite number >= 0, got {w}"
                     )
+            if st.train_root is not None and not str(st.train_root).strip():
+                raise ConfigError(f"{where}.train_root must be a folder (or null for data.root)")
             if st.steps < 0 or st.warmup < 0 or not 0 < st.lr < math.inf:
                 raise ConfigError(f"{where}: steps and warmup must be >= 0 and lr a finite number > 0")
             for name in (

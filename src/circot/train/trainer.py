@@ -322,6 +322,15 @@ def evaluate_model(
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _TrainSet:
+    """What the stages that train on one root draw from."""
+
+    examples: list[Example]
+    family_cum: dict[tuple[tuple[str, float], ...], list[float]]
+    perception: Any = None
+
+
 class Trainer:
     """Holds everything one run needs; :meth:`run` trains from step 0 or from the newest checkpoint."""
 
@@ -386,9 +395,28 @@ class Trainer:
 
     def _load_data(self) -> None:
         cfg = self.cfg.data
+        roots = list(dict.fromkeys([cfg.root] + [st.train_root or cfg.root for st in self.cfg.stages]))
+        self._train_sets = {root: self._load_train_set(root) for root in roots}
+        self._use_train_set(cfg.root)
+        self.val_split = None
+        if cfg.val_split:
+            self.val_split = load_split(cfg.dataset, cfg.root, cfg.val_split, **cfg.options)
+        self.perception_val = None
+        if cfg.val_split and any(st.mode == "perception" for st in self.cfg.stages):
+            from circot.train.perception import load_perception_data
+
+            self.perception_val = load_perception_data(
+                cfg.root, cfg.val_split, limit=self.cfg.eval.perception_images
+            )
+
+    def _load_train_set(self, root: str) -> _TrainSet:
+        """The training examples under ``root`` (and its perception images, and the family draws, of the stages
+        that train on it)."""
+        cfg = self.cfg.data
         from circot.annotate import read_annotations
 
-        train_split = load_split(cfg.dataset, cfg.root, cfg.train_split, **cfg.options)
+        stages = [(i, st) for i, st in enumerate(self.cfg.stages) if (st.train_root or cfg.root) == root]
+        train_split = load_split(cfg.dataset, root, cfg.train_split, **cfg.options)
         if cfg.max_train_queries is not None:
             train_split.queries = train_split.queries[: cfg.max_train_queries]
         # the shapes world always has its gold CoT: it also names each target's scene (duplicates share a key)
@@ -401,8 +429,7 @@ class Trainer:
         if needs_cot or cfg.annotations:
             ann = read_annotations(cfg.annotations) if cfg.annotations else None
             cots = cots_for_split(train_split, ann, cfg.annotations)
-        self.train_split = train_split
-        self.examples = build_examples(
+        examples = build_examples(
             train_split,
             cots,
             max_text_chars=cfg.max_text_chars,
@@ -410,15 +437,14 @@ class Trainer:
             identity_fraction=cfg.identity_fraction,
             seed=self.cfg.seed,
         )
-        self.val_split = None
-        if cfg.val_split:
-            self.val_split = load_split(cfg.dataset, cfg.root, cfg.val_split, **cfg.options)
-        logger.info("training examples: %d (%s/%s)", len(self.examples), cfg.dataset, cfg.train_split)
-        self._family_cum: dict[tuple[tuple[str, float], ...], list[float]] = {}
-        families = {e.family or "" for e in self.examples}
-        for i, st in enumerate(self.cfg.stages):
+        logger.info(
+            "training examples: %d (%s/%s under %s)", len(examples), cfg.dataset, cfg.train_split, root
+        )
+        family_cum: dict[tuple[tuple[str, float], ...], list[float]] = {}
+        families = {e.family or "" for e in examples}
+        for i, st in stages:
             key = tuple(sorted(st.family_weights.items()))
-            if not key or key in self._family_cum:
+            if not key or key in family_cum:
                 continue
             unknown = sorted(set(st.family_weights) - families)
             if unknown:
@@ -426,22 +452,23 @@ class Trainer:
                     f"stages.{i} ({st.name}).family_weights: no training example of family "
                     f"{', '.join(map(repr, unknown))} (families: {', '.join(sorted(families))})"
                 )
-            cum = list(
-                itertools.accumulate(st.family_weights.get(e.family or "", 1.0) for e in self.examples)
-            )
+            cum = list(itertools.accumulate(st.family_weights.get(e.family or "", 1.0) for e in examples))
             if cum[-1] <= 0:
                 raise ConfigError(f"stages.{i} ({st.name}).family_weights: every example has weight 0")
-            self._family_cum[key] = cum
-        self.perception_train = self.perception_val = None
-        if any(st.mode == "perception" for st in self.cfg.stages):
+            family_cum[key] = cum
+        perception = None
+        if any(st.mode == "perception" for _, st in stages):
             from circot.train.perception import load_perception_data
 
-            self.perception_train = load_perception_data(cfg.root, cfg.train_split)
-            if cfg.val_split:
-                self.perception_val = load_perception_data(
-                    cfg.root, cfg.val_split, limit=self.cfg.eval.perception_images
-                )
-            logger.info("perception images: %d (%s)", len(self.perception_train.paths), cfg.train_split)
+            perception = load_perception_data(root, cfg.train_split)
+            logger.info("perception images: %d (%s under %s)", len(perception.paths), cfg.train_split, root)
+        return _TrainSet(examples, family_cum, perception)
+
+    def _use_train_set(self, root: str) -> None:
+        train_set = self._train_sets[root]
+        self.examples = train_set.examples
+        self._family_cum = train_set.family_cum
+        self.perception_train = train_set.perception
 
     def _setup_model(self, start_step: int) -> None:
         from circot.model import CIRCoT
@@ -463,7 +490,7 @@ class Trainer:
         self.info_nce = InfoNCELoss(self.temperature, symmetric=self.cfg.loss.symmetric, gather=True)
         self.cross_entropy = CoTCrossEntropy(token_id(self.model.tokenizer, TAGS["conclusion"][0]))
         head = None
-        if self.perception_train is not None:
+        if any(st.mode == "perception" for st in self.cfg.stages):
             from circot.train.perception import PerceptionHead
 
             torch.manual_seed(self.cfg.seed + 1)
@@ -824,20 +851,25 @@ class Trainer:
         total = cfg.total_steps
         budget = cfg.time_budget_s
         accum = cfg.optim.grad_accum
-        sampler = StepBatchSampler(
-            len(self.examples),
-            cfg.optim.batch_size,
-            start * accum,
-            (total if budget is None else 10**9) * accum,
-            seed=cfg.seed,
-            num_processes=self.accelerator.num_processes,
-            process_index=self.accelerator.process_index,
-        )
-        dataset = ExampleDataset(self.examples)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
-        )
-        batches = iter(loader)
+        # one batch stream per training root, all advanced every step, so that batches depend on the step alone
+        streams = {}
+        for root, train_set in self._train_sets.items():
+            sampler = StepBatchSampler(
+                len(train_set.examples),
+                cfg.optim.batch_size,
+                start * accum,
+                (total if budget is None else 10**9) * accum,
+                seed=cfg.seed,
+                num_processes=self.accelerator.num_processes,
+                process_index=self.accelerator.process_index,
+            )
+            loader = torch.utils.data.DataLoader(
+                ExampleDataset(train_set.examples),
+                batch_sampler=sampler,
+                collate_fn=collate,
+                num_workers=cfg.data.num_workers,
+            )
+            streams[root] = iter(loader)
         self.generated: dict[int, CoT] = {}
         self.model.train()
         bar = progress_bar(total=total, initial=start, disable=not self.is_main, desc="train", unit="step")
@@ -868,7 +900,8 @@ class Trainer:
                 group["lr"] = lr
             rng = random.Random(cfg.seed * 1_000_003 + step)
             for micro in range(accum):
-                batch = next(batches)  # drawn in every stage, so that batches depend on the step alone
+                drawn = {root: next(stream) for root, stream in streams.items()}
+                batch = drawn[stage.train_root or cfg.data.root]
                 ctx = self.accelerator.no_sync(self.forward) if micro < accum - 1 else _null()
                 with ctx:
                     if stage.mode == "perception":
@@ -937,6 +970,7 @@ class Trainer:
         )
         if fresh and stage_idx > 0:
             self.optimizer.optimizer.state.clear()  # fresh moments for a new objective
+        self._use_train_set(st.train_root or self.cfg.data.root)
         for name, p in self.model.named_parameters():
             if name not in self._trainable:
                 continue
