@@ -249,7 +249,7 @@ class TrainConfig:
             raise ConfigError(f"optim.mixed_precision must be one of {PRECISIONS}")
         if not 0.0 <= self.data.identity_fraction < 1.0:
             raise ConfigError("data.identity_fraction must be in [0, 1)")
-        if any(st.mode == "perception" for st in self.stages) and self.data.dataset != "shapes":
+        if self.has_perception and self.data.dataset != "shapes":
             raise ConfigError(
                 "a perception stage needs the shapes world's scene graphs (data.dataset: shapes)"
             )
@@ -260,6 +260,14 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return sum(st.steps for st in self.stages)
+
+    @property
+    def has_perception(self) -> bool:
+        return any(st.mode == "perception" for st in self.stages)
+
+    def stage_root(self, stage: StageSection) -> str:
+        """The root of the training split ``stage`` draws from."""
+        return stage.train_root or self.data.root
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -395,14 +395,14 @@ class Trainer:
 
     def _load_data(self) -> None:
         cfg = self.cfg.data
-        roots = list(dict.fromkeys([cfg.root] + [st.train_root or cfg.root for st in self.cfg.stages]))
+        roots = list(dict.fromkeys([cfg.root] + [self.cfg.stage_root(st) for st in self.cfg.stages]))
         self._train_sets = {root: self._load_train_set(root) for root in roots}
         self._use_train_set(cfg.root)
         self.val_split = None
         if cfg.val_split:
             self.val_split = load_split(cfg.dataset, cfg.root, cfg.val_split, **cfg.options)
         self.perception_val = None
-        if cfg.val_split and any(st.mode == "perception" for st in self.cfg.stages):
+        if cfg.val_split and self.cfg.has_perception:
             from circot.train.perception import load_perception_data
 
             self.perception_val = load_perception_data(
@@ -415,7 +415,7 @@ class Trainer:
         cfg = self.cfg.data
         from circot.annotate import read_annotations
 
-        stages = [(i, st) for i, st in enumerate(self.cfg.stages) if (st.train_root or cfg.root) == root]
+        stages = [(i, st) for i, st in enumerate(self.cfg.stages) if self.cfg.stage_root(st) == root]
         train_split = load_split(cfg.dataset, root, cfg.train_split, **cfg.options)
         if cfg.max_train_queries is not None:
             train_split.queries = train_split.queries[: cfg.max_train_queries]
@@ -490,7 +490,7 @@ class Trainer:
         self.info_nce = InfoNCELoss(self.temperature, symmetric=self.cfg.loss.symmetric, gather=True)
         self.cross_entropy = CoTCrossEntropy(token_id(self.model.tokenizer, TAGS["conclusion"][0]))
         head = None
-        if any(st.mode == "perception" for st in self.cfg.stages):
+        if self.cfg.has_perception:
             from circot.train.perception import PerceptionHead
 
             torch.manual_seed(self.cfg.seed + 1)
@@ -901,7 +901,7 @@ class Trainer:
             rng = random.Random(cfg.seed * 1_000_003 + step)
             for micro in range(accum):
                 drawn = {root: next(stream) for root, stream in streams.items()}
-                batch = drawn[stage.train_root or cfg.data.root]
+                batch = drawn[cfg.stage_root(stage)]
                 ctx = self.accelerator.no_sync(self.forward) if micro < accum - 1 else _null()
                 with ctx:
                     if stage.mode == "perception":
@@ -970,7 +970,7 @@ class Trainer:
         )
         if fresh and stage_idx > 0:
             self.optimizer.optimizer.state.clear()  # fresh moments for a new objective
-        self._use_train_set(st.train_root or self.cfg.data.root)
+        self._use_train_set(self.cfg.stage_root(st))
         for name, p in self.model.named_parameters():
             if name not in self._trainable:
                 continue
