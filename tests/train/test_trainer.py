@@ -95,6 +95,9 @@ def test_resume_continues_from_the_saved_step(cli, tmp_path, world, straight_run
     code, out, err = cli("train", "--config", path, "--json")
     assert code == 0, err
     assert json.loads(out)["steps"] == 5 and not (run_dir / "model").exists()
+    # a run killed after its checkpoint has logged steps it will train again, the last line torn by the kill
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 6, "train/total": 99.0}) + '\n{"step": 7, "train/tot')
     code, out, err = cli("train", "--run-dir", run_dir, "--resume", "--json", "stop_after=null")
     assert code == 0, err
     assert json.loads(out)["steps"] == 10 and (run_dir / "model").exists()

@@ -251,6 +251,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Remove the records of steps after ``step`` (a resumed run logs those steps again; the killed run's lines
+    would be counted twice). Rewritten atomically; a torn last line of a killed write is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one record and make it durable (a crash right after a log line keeps the line)."""
     with path.open("a", encoding="utf-8") as fh:
@@ -539,6 +555,8 @@ class Trainer:
         state = json.loads((ckpt / STATE_FILE).read_text())
         step = int(state["step"])
         self._wall_before = float(state.get("wall_time_s", 0.0))
+        if self.is_main:
+            _drop_records_after(self.run_dir / "metrics.jsonl", step)
         logger.info("resumed from %s (step %d)", ckpt, step)
         return step
 
