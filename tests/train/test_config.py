@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,24 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(tmp_path, caplo
         assert _resolve_precision("bf16", plain) == "bf16"
     assert len(caplog.records) == 1
     assert "avx512_bf16" in caplog.text and "optim.mixed_precision=no" in caplog.text
+
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_training_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.stages and all(st.steps > 0 for st in cfg.stages)
+
+
+def test_the_shapes_pair_shares_its_perception_stage_and_its_training_data():
+    """(b) and (c) of the results table: same seed, model, batch, perception stage and tower data, and every
+    stage of (b) after `see` draws from the split (c)'s last stage draws from."""
+    configs = Path(__file__).parents[2] / "configs"
+    b = load_config(configs / "shapes-tiny-nocot.yaml")
+    c = load_config(configs / "shapes-tiny-cot.yaml")
+    assert (b.seed, b.model, b.optim.batch_size) == (c.seed, c.model, c.optim.batch_size)
+    assert b.stages[0] == c.stages[0] and b.stages[0].mode == "perception"
+    assert b.stage_root(b.stages[0]) == c.stage_root(c.stages[0])
+    assert {b.stage_root(st) for st in b.stages[1:]} == {c.stage_root(c.stages[-1])}
