@@ -253,7 +253,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _drop_records_after(path: Path, step: int) -> None:
     """Remove the records of steps after ``step`` (a resumed run logs those steps again; the killed run's lines
-    would be counted twice). Rewritten atomically; a torn last line of a killed write is dropped too."""
+    would be counted twice). Rewritten atomically; a line that is not JSON (the one a kill tore) is dropped too."""
     if not path.exists():
         return
     kept = []
