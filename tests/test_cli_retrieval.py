@@ -93,6 +93,17 @@ def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
     assert code == 0, err
     assert json.loads(out)["cot"]["conclusion"] == "a red circle" and json.loads(out)["cot_given"]
 
+    # --fast-weight blends the fast embedding into full mode's; the index stays the model's (same fingerprint)
+    given = ["--image", tmp_path / "g" / "img-0001.png", "--text", "make it red", "--conclusion", "a red circle"]
+    scores = {}
+    for w in ("0", "0.5"):
+        code, out, err = cli("search", "--index", tmp_path / "ix", *given, "--fast-weight", w, "--json")
+        assert code == 0, err
+        scores[w] = {r["id"]: r["score"] for r in json.loads(out)["results"]}
+    assert scores["0"] != scores["0.5"]
+    code, _, err = cli("search", "--index", tmp_path / "ix", *given, "--fast-weight", "1.5")
+    assert code != 0 and "--fast-weight" in err and "Traceback" not in err
+
 
 def test_cli_errors_are_one_line(cli, tmp_path, model_dir):
     code, _, err = cli(

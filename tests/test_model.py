@@ -470,3 +470,34 @@ def test_a_generated_cot_given_back_embeds_as_generated(model, images):
     q = embed_queries(model, images, TEXTS, "full", batch_size=4)
     np.testing.assert_allclose(q.embeddings, emb, atol=1e-5)
     assert q.generated == [True] * 4 and [c.raw for c in q.cots] == [c.raw for c in cots]
+
+
+def test_fast_weight_blends_the_fast_embedding_into_full_mode(model, images):
+    """fast_weight w: full mode embeds (1 - w) * cot + w * fast, renormalised, on every path (generated, given,
+    streamed); 0 leaves the CoT's embedding alone, and the fingerprint (so an index's validity) ignores w."""
+    model.eval()
+    fp = model.fingerprint
+    cot_emb, cots = model.encode_queries(images, TEXTS, mode="full", return_reasoning=True)
+    fast = model.encode_queries(images, TEXTS, mode="fast")
+    want = 0.7 * cot_emb + 0.3 * fast
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    model.config.fast_weight = 0.3
+    try:
+        assert model.fingerprint == fp
+        np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="full"), want, atol=1e-5)
+        np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="full", cots=cots), want, atol=1e-5)
+        np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="fast"), fast, atol=1e-6)
+        out: dict = {}
+        "".join(model.stream_reasoning(images[1], TEXTS[1], embedding=out))
+        np.testing.assert_allclose(out["embedding"], want[1], atol=1e-5)
+        assert not np.allclose(want, cot_emb, atol=1e-3)  # the blend moved the embeddings
+    finally:
+        model.config.fast_weight = 0.0
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, True, "0.2"])
+def test_fast_weight_out_of_range_is_a_config_error(bad):
+    from circot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fast_weight"):
+        CIRCoTConfig(fast_weight=bad)

@@ -51,6 +51,9 @@ class CIRCoTConfig:
     extraction: str = "at_emb"
     normalize: bool = True
     temperature: float = 0.05
+    # full mode's query embedding blends in the same query's fast-mode embedding: (1 - w) * e_cot + w * e_fast,
+    # renormalised when ``normalize``; 0 is the paper's rule (the state at the <emb> after the CoT alone)
+    fast_weight: float = 0.0
     # reasoning / generation
     max_cot_tokens: int = 128
     do_sample: bool = False
@@ -75,6 +78,12 @@ class CIRCoTConfig:
             )
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if (
+            isinstance(self.fast_weight, bool)
+            or not isinstance(self.fast_weight, (int, float))
+            or not 0.0 <= self.fast_weight < 1.0
+        ):
+            raise ConfigError(f"fast_weight must be in [0, 1), got {self.fast_weight!r}")
         if self.max_cot_tokens < 1:
             raise ConfigError(f"max_cot_tokens must be >= 1, got {self.max_cot_tokens}")
         if self.compute_dtype not in (None, *FLOAT_DTYPES):

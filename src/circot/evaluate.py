@@ -222,7 +222,11 @@ def _sharded_embeddings(
         work_dir,
         rank,
         world_size,
-        settings={"mode": mode, "reasoner": getattr(reasoner, "remote", False) and reasoner.cache_tag(model)},
+        settings={
+            "mode": mode,
+            "reasoner": getattr(reasoner, "remote", False) and reasoner.cache_tag(model),
+            "fast_weight": model.config.fast_weight if mode == "full" else 0.0,
+        },
     )
 
     def compute() -> tuple[np.ndarray, list[Any], dict[str, Any]]:

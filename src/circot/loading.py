@@ -471,7 +471,8 @@ def model_card(model: Any, results: dict[str, Any] | None = None) -> str:
         f"{text_cfg.num_attention_heads} heads; vocabulary {len(model.tokenizer)}",
         f"- vision: depth {vis_cfg.depth}, patch {vis_cfg.patch_size}, merge {vis_cfg.spatial_merge_size}; "
         f"pixels {cfg.min_pixels}–{cfg.max_pixels}",
-        f"- embedding: {cfg.extraction}, normalised: {cfg.normalize}, temperature {cfg.temperature}",
+        f"- embedding: {cfg.extraction}, normalised: {cfg.normalize}, temperature {cfg.temperature}; full mode "
+        f"blends in the fast embedding with weight {cfg.fast_weight}",
         f"- max CoT tokens: {cfg.max_cot_tokens}; sampling: {cfg.do_sample}; prompt version {cfg.prompt_version}",
         f"- fingerprint: `{model.fingerprint}`",
         "",

@@ -196,6 +196,8 @@ class CIRCoT(nn.Module):
         h = hashlib.sha256()
         cfg = self.config.to_dict()
         cfg.pop("gradient_checkpointing", None)  # a training switch; embeddings do not depend on it
+        # a query-side blend: neither the gallery's embeddings nor the CoTs depend on it, so an index stays valid
+        cfg.pop("fast_weight", None)
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
         hash_weights(h, self.model)
@@ -487,7 +489,22 @@ class CIRCoT(nn.Module):
             seq = self._pad([pooled[i] for i in rows], grids[rows])
             sub_out = _select_images(image_out, rows) if len(rows) < n else image_out
             out[rows] = self._pool(seq, sub_out).cpu()
+        if mode == "full":
+            out = self._blend_fast(out, texts, n_img, grids, image_out)
         return out.numpy(), parsed
+
+    def _blend_fast(
+        self, cot_emb: torch.Tensor, texts: Sequence[str], n_img: Any, grids: torch.Tensor, image_out: Any
+    ) -> torch.Tensor:
+        """Full mode's embeddings ``(b, d)`` from their CoT ``<emb>`` embeddings: as they are when the config's
+        ``fast_weight`` is 0, else ``(1 - w) * cot + w * fast`` (renormalised), the fast rows embedded from the
+        same image features by one more forward over the fast prompts."""
+        w = float(self.config.fast_weight)
+        if w == 0.0:
+            return cot_emb
+        fast_ids = [p + [self.emb_token_id] for p in self._prompt_ids("fast", texts, n_img)]
+        fast = self._pool(self._pad(fast_ids, grids), image_out).cpu()
+        return self._finish_embedding((1.0 - w) * cot_emb + w * fast)
 
     def _pool(self, seq: _Seqs, image_out: Any) -> torch.Tensor:
         """Embeddings of token sequences that end in ``<emb>`` (one forward)."""
@@ -618,7 +635,9 @@ class CIRCoT(nn.Module):
                 ):
                     for _ in steps:  # the closing <emb> step
                         pass
-                    embedding["embedding"] = self._finish_embedding(closed["hidden"])[0].cpu().numpy()  # type: ignore[index]
+                    cot_emb = self._finish_embedding(closed["hidden"]).cpu()  # type: ignore[index]
+                    blended = self._blend_fast(cot_emb, [text], self.images.n_tokens(grids), grids, image_out)
+                    embedding["embedding"] = blended[0].numpy()  # type: ignore[index]
             if token is None:
                 return
             t = int(token[0])

@@ -110,11 +110,17 @@ def check_device(device: str) -> str:
     return device
 
 
-def load_model(model: str | Path | None, device: str | None = "auto") -> Any:
-    """Load a circot model by folder or hub id (``None``: the shipped shapes model) onto ``device``."""
+def load_model(
+    model: str | Path | None, device: str | None = "auto", fast_weight: float | None = None
+) -> Any:
+    """Load a circot model by folder or hub id (``None``: the shipped shapes model) onto ``device``;
+    ``fast_weight``: in place of the model's own (:class:`circot.config.CIRCoTConfig`)."""
     from circot.model import CIRCoT
 
-    return CIRCoT.from_pretrained(str(model) if model is not None else None, device=resolve_device(device))
+    over = {} if fast_weight is None else {"fast_weight": fast_weight}
+    return CIRCoT.from_pretrained(
+        str(model) if model is not None else None, device=resolve_device(device), **over
+    )
 
 
 def model_reference(model: str | Path | None) -> str:

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         base_url: str = reasoning.BASE_URL,
         reasoner_model: str = reasoning.REASONER_MODEL,
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
+        fast_weight: float = reasoning.FAST_WEIGHT,
         store: str = typer.Option(
             None,
             "--store",
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
         if not root.exists():
             raise CircotError(f"{dataset}: root folder {str(root)!r} does not exist")
         reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env, batch_size)
-        net = load_model(model, device)
+        net = load_model(model, device, fast_weight)
         try:
             report = evaluate(
                 net,

@@ -1,4 +1,5 @@
-"""The ``--reasoner`` options that ``circot eval``, ``search`` and ``serve`` share (no command here)."""
+"""The options of full mode's reasoning and embedding that ``circot eval``, ``search`` and ``serve`` share (no
+command here)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ REASONER_KEY_ENV = typer.Option(
     None,
     "--reasoner-api-key-env",
     help="Environment variable with the served reasoner's API key (default CIRCOT_REASONER_API_KEY, if set).",
+)
+FAST_WEIGHT = typer.Option(
+    None,
+    "--fast-weight",
+    min=0.0,
+    max=0.999,
+    help="Full mode's query embedding: (1 - W) x the CoT's <emb> embedding + W x the fast one (default: the "
+    "model's fast_weight; 0: the CoT's alone).",
 )
 
 

@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
         base_url: str = reasoning.BASE_URL,
         reasoner_model: str = reasoning.REASONER_MODEL,
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
+        fast_weight: float = reasoning.FAST_WEIGHT,
     ) -> None:
         """Find the gallery images that match IMAGE changed as TEXT says; print the reasoning and the ranking."""
         from circot.errors import CircotError
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
             raise CircotError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
         reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env)
         gallery = open_store(index, mmap=mmap)
-        net = load_model(model or gallery.manifest.model, device)
+        net = load_model(model or gallery.manifest.model, device, fast_weight)
         cot = None
         if conclusion is not None:
             cot = {"caption": "", "reasoning": "", "conclusion": conclusion}

@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         base_url: str = reasoning.BASE_URL,
         reasoner_model: str = reasoning.REASONER_MODEL,
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
+        fast_weight: float = reasoning.FAST_WEIGHT,
     ) -> None:
         """Serve a gallery index over HTTP: a JSON API and a page to search and steer the reasoning."""
         import os
@@ -77,6 +78,7 @@ def register(app: typer.Typer) -> None:
                 check_fingerprint=not allow_mismatch,
                 api_key=api_key,
                 reasoner=reasoner,
+                fast_weight=fast_weight,
             )
         finally:
             reasoner.close()
