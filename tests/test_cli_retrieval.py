@@ -94,7 +94,14 @@ def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
     assert json.loads(out)["cot"]["conclusion"] == "a red circle" and json.loads(out)["cot_given"]
 
     # --fast-weight blends the fast embedding into full mode's; the index stays the model's (same fingerprint)
-    given = ["--image", tmp_path / "g" / "img-0001.png", "--text", "make it red", "--conclusion", "a red circle"]
+    given = [
+        "--image",
+        tmp_path / "g" / "img-0001.png",
+        "--text",
+        "make it red",
+        "--conclusion",
+        "a red circle",
+    ]
     scores = {}
     for w in ("0", "0.5"):
         code, out, err = cli("search", "--index", tmp_path / "ix", *given, "--fast-weight", w, "--json")

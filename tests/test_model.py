@@ -485,7 +485,9 @@ def test_fast_weight_blends_the_fast_embedding_into_full_mode(model, images):
     try:
         assert model.fingerprint == fp
         np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="full"), want, atol=1e-5)
-        np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="full", cots=cots), want, atol=1e-5)
+        np.testing.assert_allclose(
+            model.encode_queries(images, TEXTS, mode="full", cots=cots), want, atol=1e-5
+        )
         np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="fast"), fast, atol=1e-6)
         out: dict = {}
         "".join(model.stream_reasoning(images[1], TEXTS[1], embedding=out))
