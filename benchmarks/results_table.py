@@ -3,7 +3,9 @@
 Rows (design.md §4, issue 5):
   (a)  late fusion — frozen EfficientNet-Lite0 + all-MiniLM-L6-v2 features, trained CLIP4Cir-style combiner
   (b)  the tiny MLLM trained without CoT, fast mode
-  (c)  CIR-CoT, full mode (the model writes caption → reasoning → conclusion, then <emb>)
+  (c)  CIR-CoT, full mode (the model writes caption → reasoning → conclusion, then <emb>), embedded by the
+       model's own rule (its config's fast_weight w blends in the fast embedding)
+  (c°) the same CoTs embedded at <emb> alone (w = 0, the paper's rule); only for a model whose w > 0
   (c') the same model, fast mode (no CoT)
   (c*) the same model fed the gold CoT (the ceiling when the reasoning is right)
 
@@ -23,13 +25,14 @@ trained here by ``circot.baselines.late_fusion.train_and_evaluate``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ import torch
 
 from circot.data import load_split
 from circot.data.records import CIRSplit
+from circot.index import atomic_write_bytes
 
 logger = logging.getLogger("results_table")
 
@@ -47,17 +51,10 @@ ROWS = {
     "a": "(a) late fusion",
     "b": "(b) no-CoT MLLM, fast",
     "c": "(c) CIR-CoT, full",
+    "c_cot": "(c°) CIR-CoT, full, <emb> of the CoT alone",
     "c_fast": "(c′) CIR-CoT model, fast",
     "c_gold": "(c*) CIR-CoT model fed gold CoT",
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _train_time(run: Path | None, explicit: float | None) -> float | None:
@@ -171,10 +168,22 @@ def faithfulness(
     return out
 
 
+@contextlib.contextmanager
+def fast_weight(model: Any, w: float) -> Iterator[None]:
+    """``model`` embeds full-mode queries with this ``fast_weight`` inside the block."""
+    kept = model.config.fast_weight
+    model.config.fast_weight = w
+    try:
+        yield
+    finally:
+        model.config.fast_weight = kept
+
+
 def evaluate_mllm(
     model: Any, split: CIRSplit, rows: list[str], batch_size: int, latency_n: int
 ) -> dict[str, dict[str, Any]]:
-    """Rows b / c / c_fast / c_gold of one model on one split."""
+    """Rows b / c / c_cot / c_fast / c_gold of one model on one split (c_cot reuses row c's CoTs, so it
+    comes after c)."""
     from circot.data import shapes
     from circot.metrics import evaluate
 
@@ -207,6 +216,10 @@ def evaluate_mllm(
                     per_family[fam] = s["conclusion_exact"]
             res["conclusion_exact_per_family"] = per_family
             latency_mode, latency_cots = "full", None
+        elif row == "c_cot":
+            with fast_weight(model, 0.0):
+                emb = model.encode_queries(refs, texts, mode="full", batch_size=batch_size, cots=cots)
+            latency_mode, latency_cots = "", None
         elif row == "c_gold":
             emb = model.encode_queries(refs, texts, mode="full", batch_size=batch_size, cots=gold)
             latency_mode, latency_cots = "full", gold
@@ -216,13 +229,14 @@ def evaluate_mllm(
         scores = np.asarray(emb, dtype=np.float32) @ gallery.T
         result = evaluate(split, scores)
         res["metrics"] = result.metrics
-        if row == "c":
-            res["faithfulness"] = faithfulness(
-                model, split, gallery, cots, top1_hits(split, scores), batch_size
-            )
+        if row in ("c", "c_cot"):
+            with fast_weight(model, model.config.fast_weight if row == "c" else 0.0):
+                res["faithfulness"] = faithfulness(
+                    model, split, gallery, cots, top1_hits(split, scores), batch_size
+                )
         res["n_queries"] = result.n_queries
         res["eval_seconds"] = time.perf_counter() - t0
-        if latency_n:
+        if latency_n and latency_mode:
             res["query_latency_ms"] = query_latency_ms(model, split, latency_mode, latency_n, latency_cots)
         logger.info(
             "%s %s: R@1 %.2f (%.0f s)",
@@ -290,25 +304,31 @@ def render_markdown(report: dict[str, Any]) -> str:
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         c = rows.get("c", {}).get(split)
-        if c and c.get("faithfulness"):
-            f = c["faithfulness"]
+        if c and c.get("conclusion_exact_per_family"):
+            em = c["conclusion_exact_per_family"]
+            cells = [_fmt(100 * em[f]) if f in em else "—" for f in fams] + ["" for _ in subsets]
+            lines.append("| (c) conclusion EM | " + " | ".join(cells) + " |")
+        w = rows.get("c", {}).get("fast_weight")
+        if w:
             lines += [
                 "",
-                f"Faithfulness of (c) ({split}): P(R@1 hit | conclusion exactly right) = "
+                f"Row (c) embeds each query as the model does by default: (1 − w) × the state at the `<emb>` after "
+                f"its CoT + w × its fast-mode embedding, w = {w} (the model's fast_weight, chosen on val); (c°) "
+                "embeds the same CoTs at `<emb>` alone (w = 0, the paper's rule). (c*) uses w as (c) does.",
+            ]
+        for key in ("c", "c_cot"):
+            r = rows.get(key, {}).get(split)
+            if not (r and r.get("faithfulness")):
+                continue
+            f = r["faithfulness"]
+            lines += [
+                "",
+                f"Faithfulness of {ROWS[key].split()[0]} ({split}): P(R@1 hit | conclusion exactly right) = "
                 f"{_fmt(f['p_hit_if_conclusion_right'])} % (n = {f['n_conclusion_right']}); P(R@1 hit | conclusion "
                 f"wrong) = {_fmt(f['p_hit_if_conclusion_wrong'])} % (n = {f['n_conclusion_wrong']}); steering (own "
                 f"gold caption and reasoning, another query's gold conclusion): that query's target first for "
                 f"{_fmt(f['steering_R@1'])} %, the query's own target first for {_fmt(f['steering_own_target_R@1'])} %.",
-                "",
             ]
-        if c and c.get("conclusion_exact_per_family"):
-            em = c["conclusion_exact_per_family"]
-            lines.append(
-                "| (c) conclusion EM | "
-                + " | ".join(_fmt(100 * em[f]) if f in em else "—" for f in fams)
-                + (" | " + " | ".join("" for _ in subsets) if subsets else "")
-                + " |"
-            )
         lines.append("")
     probes = [(ROWS[k], rows[k]["perception"]) for k in ("b", "c") if rows.get(k, {}).get("perception")]
     if probes:
@@ -414,15 +434,17 @@ def main() -> None:
     if cot_dir:
         model = CIRCoT.from_pretrained(cot_dir).eval()
         train_s = _train_time(args.cot_run, args.cot_train_time)
-        for key in ("c", "c_fast", "c_gold"):
+        keys = ["c", "c_cot", "c_fast", "c_gold"] if model.config.fast_weight else ["c", "c_fast", "c_gold"]
+        for key in keys:
             rows[key] = {
                 "model": str(cot_dir),
                 "fingerprint": model.fingerprint,
+                "fast_weight": model.config.fast_weight,
                 "train_wall_time_s": train_s,
                 "perception": perception_probe(args.cot_run),
             }
         for name, s in splits.items():
-            res = evaluate_mllm(model, s, ["c", "c_fast", "c_gold"], args.batch_size, args.latency_queries)
+            res = evaluate_mllm(model, s, keys, args.batch_size, args.latency_queries)
             for key, r in res.items():
                 rows[key][name] = r
 
@@ -449,8 +471,8 @@ def main() -> None:
         "splits": list(splits),
         "rows": rows,
     }
-    write_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out, render_markdown(report))
+    atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(args.out, render_markdown(report).encode("utf-8"))
     logger.info("wrote %s and %s", args.out, args.json)
 
 

@@ -3,9 +3,11 @@
     python scripts/ship_model.py runs/shapes-tiny-cot-continue2/model
     python scripts/ship_model.py src/circot/assets/shapes-tiny --table benchmarks/results.json \
         --training "circot train --config configs/shapes-tiny-cot.yaml (...)"
+    python scripts/ship_model.py src/circot/assets/shapes-tiny --fast-weight 0.25
 
 The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
-table measured on it (row c, c' and c* of benchmarks/results_table.py). Storing float16 halves the size; the
+table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the blend of the fast
+embedding into full mode's that val chose (benchmarks/fast_weight.py). Storing float16 halves the size; the
 model computes in float32 when loaded, and storing again what was loaded is lossless, so the fingerprint the
 table recorded stays the shipped model's.
 """
@@ -17,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = {"c": "full", "c_fast": "fast", "c_gold": "gold CoT"}
+ROWS = {"c": "full", "c_cot": "full, <emb> of the CoT alone", "c_fast": "fast", "c_gold": "gold CoT"}
 METRICS = ("R@1", "R@5", "mAP@5")
 COT_METRICS = {
     "caption_exact": "caption exact match",
@@ -60,11 +62,15 @@ def main() -> None:
     ap.add_argument("--dest", type=Path, default=Path("src/circot/assets/shapes-tiny"))
     ap.add_argument("--table", type=Path, help="results-table JSON measured on the shipped model")
     ap.add_argument("--training", help="how the model was trained (a line for the card)")
+    ap.add_argument(
+        "--fast-weight", type=float, help="full mode's blend of the fast embedding (benchmarks/fast_weight.py)"
+    )
     args = ap.parse_args()
 
     from circot.model import CIRCoT
 
-    model = CIRCoT.from_pretrained(args.model)
+    over = {} if args.fast_weight is None else {"fast_weight": args.fast_weight}
+    model = CIRCoT.from_pretrained(args.model, **over)
     results = None
     if args.table:
         results = card_results(json.loads(args.table.read_text()), model.fingerprint, args.training)
