@@ -423,7 +423,7 @@ def test_shipped_model_full_mode_closing_state_matches_a_second_forward(tmp_path
     split = shapes.load(shapes.generate(tmp_path, seed=11, n_train=0, n_val=4, n_test=0, n_novel=0), "val")
     refs = [split.image_path(q.reference) for q in split.queries[:4]]
     texts = [q.text for q in split.queries[:4]]
-    model = CIRCoT.from_pretrained(None)
+    model = CIRCoT.from_pretrained(None, fast_weight=0.0)  # the CoT's <emb> state alone
     want = _decode_then_pool(model, refs, texts)
     emb, cots = model.encode_queries(refs, texts, mode="full", batch_size=4, return_reasoning=True)
     assert all(c.well_formed for c in cots) and len({len(c.token_ids) for c in cots}) > 1
