@@ -52,7 +52,7 @@ def card_results(table: dict, fingerprint: str, training: str | None) -> dict[st
                     out[f"shapes {split} {name} (%)"] = 100 * res["cot"][key]
             steer = res.get("faithfulness", {}).get("steering_R@1")
             if steer is not None:
-                out[f"shapes {split} steering R@1 (another query's gold conclusion)"] = steer
+                out[f"shapes {split} {label} steering R@1 (another query's gold conclusion)"] = steer
     return out
 
 
