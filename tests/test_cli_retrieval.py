@@ -78,22 +78,6 @@ def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
     scores = [r["score"] for r in result["results"]]
     assert scores == sorted(scores, reverse=True)
 
-    code, out, err = cli(
-        "search",
-        "--index",
-        tmp_path / "ix",
-        "--image",
-        tmp_path / "g" / "img-0001.png",
-        "--text",
-        "make it red",
-        "--conclusion",
-        "a red circle",
-        "--json",
-    )
-    assert code == 0, err
-    assert json.loads(out)["cot"]["conclusion"] == "a red circle" and json.loads(out)["cot_given"]
-
-    # --fast-weight blends the fast embedding into full mode's; the index stays the model's (same fingerprint)
     given = [
         "--image",
         tmp_path / "g" / "img-0001.png",
@@ -102,6 +86,11 @@ def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
         "--conclusion",
         "a red circle",
     ]
+    code, out, err = cli("search", "--index", tmp_path / "ix", *given, "--json")
+    assert code == 0, err
+    assert json.loads(out)["cot"]["conclusion"] == "a red circle" and json.loads(out)["cot_given"]
+
+    # --fast-weight blends the fast embedding into full mode's; the index stays the model's (same fingerprint)
     scores = {}
     for w in ("0", "0.5"):
         code, out, err = cli("search", "--index", tmp_path / "ix", *given, "--fast-weight", w, "--json")

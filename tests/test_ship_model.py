@@ -35,7 +35,9 @@ def test_each_row_keeps_its_own_steering_figure(ship_model):
     assert out["shapes val full R@1"] == 94.4
     assert out["shapes val full, <emb> of the CoT alone R@1"] == 93.6
     assert out["shapes val full steering R@1 (another query's gold conclusion)"] == 92.9
-    assert out["shapes val full, <emb> of the CoT alone steering R@1 (another query's gold conclusion)"] == 95.7
+    assert (
+        out["shapes val full, <emb> of the CoT alone steering R@1 (another query's gold conclusion)"] == 95.7
+    )
     assert out["shapes val conclusion exact match (%)"] == pytest.approx(87.9)
 
 
