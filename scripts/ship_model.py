@@ -3,7 +3,7 @@
     python scripts/ship_model.py runs/shapes-tiny-cot-continue2/model
     python scripts/ship_model.py src/circot/assets/shapes-tiny --table benchmarks/results.json \
         --training "circot train --config configs/shapes-tiny-cot.yaml (...)"
-    python scripts/ship_model.py src/circot/assets/shapes-tiny --fast-weight 0.25
+    python scripts/ship_model.py src/circot/assets/shapes-tiny --fast-weight 0.3
 
 The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
 table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the blend of the fast
