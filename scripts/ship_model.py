@@ -63,14 +63,20 @@ def main() -> None:
     ap.add_argument("--table", type=Path, help="results-table JSON measured on the shipped model")
     ap.add_argument("--training", help="how the model was trained (a line for the card)")
     ap.add_argument(
-        "--fast-weight", type=float, help="full mode's blend of the fast embedding (benchmarks/fast_weight.py)"
+        "--fast-weight",
+        type=float,
+        help="full mode's blend of the fast embedding (benchmarks/fast_weight.py)",
     )
     args = ap.parse_args()
 
+    from circot.errors import CircotError
     from circot.model import CIRCoT
 
     over = {} if args.fast_weight is None else {"fast_weight": args.fast_weight}
-    model = CIRCoT.from_pretrained(args.model, **over)
+    try:
+        model = CIRCoT.from_pretrained(args.model, **over)
+    except CircotError as e:
+        sys.exit(f"error: {args.model}: {e}")
     results = None
     if args.table:
         results = card_results(json.loads(args.table.read_text()), model.fingerprint, args.training)

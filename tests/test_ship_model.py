@@ -45,3 +45,13 @@ def test_a_table_of_another_model_is_refused(ship_model):
     table = {"splits": ["val"], "rows": {"c": _row(94.4, 92.9)}}
     with pytest.raises(SystemExit, match="not on 0000"):
         ship_model.card_results(table, "0" * 16, None)
+
+
+def test_a_bad_fast_weight_is_one_error_and_writes_nothing(ship_model, monkeypatch, tmp_path):
+    shipped = SCRIPT.parents[1] / "src" / "circot" / "assets" / "shapes-tiny"
+    dest = tmp_path / "shipped"
+    argv = ["ship_model.py", str(shipped), "--dest", str(dest), "--fast-weight", "1.5"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit, match=r"^error: .*fast_weight must be in \[0, 1\), got 1.5"):
+        ship_model.main()
+    assert not dest.exists()
