@@ -23,7 +23,7 @@ from circot.data.shapes import (
     scene_from_dict,
 )
 from circot.data.shapes.grammar import Step, apply_program, interpretations
-from circot.data.shapes.scene import pairs
+from circot.data.shapes.scene import describe, pairs
 from circot.errors import CircotError, DataError
 
 TINY = dict(n_train=24, n_val=16, n_test=8, n_novel=12)
@@ -192,9 +192,9 @@ def test_cli_generates_and_check_accepts(cli, tmp_path: Path) -> None:
     assert (out / "README.md").is_file()
     code, _, err = cli("data", "shapes", *args)
     assert code != 0 and "error:" in err and "overwrite" in err
-    code, stdout, err = cli("data", "shapes", *args, "--overwrite")
+    code, stdout, err = cli("data", "shapes", *args, "--overwrite", "--intermediate-scenes")
     assert code == 0, err
-    assert "queries" in stdout
+    assert "queries" in stdout and read_annotations(out, "val")["intermediate_scenes"] is True
     code, stdout, err = cli("data", "check", "--dataset", "shapes", "--root", out)
     assert code == 0, err + stdout
 
@@ -213,3 +213,29 @@ def test_distractors_are_random_edits_of_the_reference(tmp_path: Path) -> None:
             scene = scene_from_dict(info["scene"])
             assert scene not in (scene_from_dict(q["target_scene"]), scene_from_dict(q["reference_scene"]))
     assert n == 20
+
+
+def test_intermediate_scenes_write_the_middle_scene_and_change_nothing_else(
+    world: Path, tmp_path: Path
+) -> None:
+    mid = generate(tmp_path / "mid", seed=3, intermediate_scenes=True, **TINY)
+    plain, other = _digest(world), _digest(mid)
+    assert {k for k in plain if plain[k] != other[k]} == {"README.md"} | {f"{s}.json" for s in SPLITS}
+    assert "writes out the scene after its first step" in (mid / "README.md").read_text()
+    n_two = 0
+    for split in SPLITS:
+        a, b = read_annotations(world, split), read_annotations(mid, split)
+        assert b["intermediate_scenes"] is True and "intermediate_scenes" not in a
+        for qa, qb in zip(a["queries"], b["queries"], strict=True):
+            assert qa["text"] == qb["text"] and qa["gold_cot"]["conclusion"] == qb["gold_cot"]["conclusion"]
+            if qa["family"] != "two_step":
+                assert qa["gold_cot"] == qb["gold_cot"]
+                continue
+            n_two += 1
+            ref = scene_from_dict(qb["reference_scene"])
+            after_first = apply_program(ref, [Step.from_dict(qb["program"][0])])
+            first, then = qa["gold_cot"]["reasoning"].split("; then, ")
+            assert (
+                qb["gold_cot"]["reasoning"] == f"{first}; the image is {describe(after_first)}; then, {then}"
+            )
+    assert n_two > 0

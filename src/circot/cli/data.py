@@ -60,6 +60,11 @@ def shapes(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a shapes dataset already in --out."),
     distractors: int = typer.Option(0, "--distractors", help="Random edits of the reference per eval query."),
+    intermediate_scenes: bool = typer.Option(
+        False,
+        "--intermediate-scenes",
+        help="Two-step gold reasoning writes out the scene after the first step.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Generate the shapes world (images, annotations, dataset card), with a progress bar."""
@@ -68,7 +73,7 @@ def shapes(
     report = generate_report(
         out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, n_novel=n_novel,
         image_size=image_size, workers=workers, overwrite=overwrite, progress=not as_json,
-        distractors=distractors,
+        distractors=distractors, intermediate_scenes=intermediate_scenes,
     )  # fmt: skip
     typer.echo(json.dumps(report, indent=2) if as_json else report["summary"])
 

@@ -125,11 +125,20 @@ def _query_record(split: str, index: int, sampled: Sampled, ref_id: str) -> dict
     }
 
 
-def plan_split(world: World, split: str, n_queries: int, seed: int, distractors: int = 0) -> SplitPlan:
+def plan_split(
+    world: World,
+    split: str,
+    n_queries: int,
+    seed: int,
+    distractors: int = 0,
+    intermediate_scenes: bool = False,
+) -> SplitPlan:
     """Sample a split's queries and the scenes of its images (no pixels yet).
 
     ``distractors``: extra gallery images per evaluation query, each a random single edit of the reference
     that is not the target (0 keeps the galleries of generator version 1.0 unchanged).
+    ``intermediate_scenes``: two-step gold reasoning writes out the scene after the first step (only the text of
+    that reasoning changes).
     """
     images: list[ImageSpec] = []
 
@@ -144,7 +153,7 @@ def plan_split(world: World, split: str, n_queries: int, seed: int, distractors:
     for index, (family, subset) in enumerate(plan):
         rng = _rng(seed, split, 1, index)
         rules = split_rules(world, split, subset)
-        sampled = sample_query(rng, family, rules, subset)
+        sampled = sample_query(rng, family, rules, subset, intermediate_scenes=intermediate_scenes)
         qid = f"{split}_q{index:06d}"
         ref_id = add_image(sampled.reference, "reference", qid)
         record = _query_record(split, index, sampled, ref_id)
@@ -239,8 +248,19 @@ def _render_all(
     bar.close()
 
 
-def _split_json(plan: SplitPlan, world: World, seed: int, size: int, distractors: int = 0) -> dict[str, Any]:
-    extra = {"distractors": distractors} if distractors else {}  # absent by default: v1.0 files unchanged
+def _split_json(
+    plan: SplitPlan,
+    world: World,
+    seed: int,
+    size: int,
+    distractors: int = 0,
+    intermediate_scenes: bool = False,
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {}  # options are absent by default, so that v1.0 files stay unchanged
+    if distractors:
+        extra["distractors"] = distractors
+    if intermediate_scenes:
+        extra["intermediate_scenes"] = True
     return extra | {
         "dataset": "shapes",
         "split": plan.split,
@@ -299,6 +319,7 @@ def generate(
     overwrite: bool = False,
     progress: bool = False,
     distractors: int = 0,
+    intermediate_scenes: bool = False,
 ) -> Path:
     """Generate the shapes world into ``out_dir`` and return it.
 
@@ -312,10 +333,13 @@ def generate(
         progress: show progress bars.
         distractors: extra gallery images per evaluation query, random single edits of its reference
             (harder R@5/R@10: the reference's neighbourhood in the gallery grows). 0 by default.
+        intermediate_scenes: two-step gold reasoning writes out the scene after the first step. Images, texts
+            and galleries are those of the default; only that reasoning's text changes.
     """
     report = generate_report(
-        out_dir, seed, n_train, n_val, n_test, n_novel, image_size, workers, overwrite, progress, distractors
-    )
+        out_dir, seed, n_train, n_val, n_test, n_novel, image_size, workers, overwrite, progress, distractors,
+        intermediate_scenes,
+    )  # fmt: skip
     return Path(report["out"])
 
 
@@ -331,6 +355,7 @@ def generate_report(
     overwrite: bool = False,
     progress: bool = False,
     distractors: int = 0,
+    intermediate_scenes: bool = False,
 ) -> dict[str, Any]:
     """:func:`generate`, returning a summary: output folder, timings, sizes, families and subsets per split."""
     out_dir = Path(out_dir)
@@ -352,16 +377,20 @@ def generate_report(
     from circot.progress import progress_bar
 
     for split, n in progress_bar(split_iter, desc="sampling", unit="split", disable=not progress):
-        plans.append(plan_split(world, split, n, seed, distractors))
+        plans.append(plan_split(world, split, n, seed, distractors, intermediate_scenes))
     t_plan = time.perf_counter() - t0
     _render_all(out_dir, plans, seed, image_size, workers, progress)
     t_render = time.perf_counter() - t0 - t_plan
     for plan in plans:
         _atomic_write_bytes(
-            out_dir / f"{plan.split}.json", dumps(_split_json(plan, world, seed, image_size, distractors))
+            out_dir / f"{plan.split}.json",
+            dumps(_split_json(plan, world, seed, image_size, distractors, intermediate_scenes)),
         )
         _atomic_write_bytes(out_dir / f"{plan.split}_gallery.txt", ("\n".join(plan.gallery) + "\n").encode())
-    _atomic_write_bytes(out_dir / "README.md", dataset_card(plans, world, seed, image_size).encode("utf-8"))
+    _atomic_write_bytes(
+        out_dir / "README.md",
+        dataset_card(plans, world, seed, image_size, intermediate_scenes).encode("utf-8"),
+    )
     seconds = time.perf_counter() - t0
     splits = {
         p.split: {
@@ -406,7 +435,9 @@ def _table(header: list[str], rows: Iterable[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def dataset_card(plans: list[SplitPlan], world: World, seed: int, image_size: int) -> str:
+def dataset_card(
+    plans: list[SplitPlan], world: World, seed: int, image_size: int, intermediate_scenes: bool = False
+) -> str:
     """README.md of a generated world. Holds no timings or paths, so it is deterministic too."""
     size_rows = []
     for p in plans:
@@ -442,7 +473,12 @@ def dataset_card(plans: list[SplitPlan], world: World, seed: int, image_size: in
         "",
         "Each query is a reference image, a modification text, and every gallery image of the target scene "
         "(CIRCO-style multiple ground truths), with the scene graphs and a gold chain of thought "
-        "(caption → reasoning → conclusion).",
+        "(caption → reasoning → conclusion)."
+        + (
+            ' A two-step query\'s gold reasoning writes out the scene after its first step ("the image is …").'
+            if intermediate_scenes
+            else ""
+        ),
         "",
         "## Sizes",
         "",

@@ -38,6 +38,7 @@ from circot.data.shapes.scene import (
     Obj,
     Scene,
     at,
+    describe,
     empty_cells,
     in_half_plane,
     in_line,
@@ -441,11 +442,16 @@ def _relative_destinations(
     return out
 
 
-def combine(r1: Realization, r2: Realization, template: str) -> Realization:
-    """A two-step realization from the realizations of its steps."""
+def combine(r1: Realization, r2: Realization, template: str, mid: Scene | None = None) -> Realization:
+    """A two-step realization from the realizations of its steps.
+
+    With ``mid`` (the scene after the first step) the reasoning writes that scene out between the steps, so that
+    the second step is read against a scene on the page rather than one held in mind.
+    """
+    between = f"; the image is {describe(mid)}" if mid is not None else ""
     return Realization(
         template.format(t1=r1.text, t2=r2.text),
-        f"first, {r1.reasoning}; then, {r2.reasoning}",
+        f"first, {r1.reasoning}{between}; then, {r2.reasoning}",
         r1.kinds + r2.kinds,
         r1.anchors + r2.anchors,
     )

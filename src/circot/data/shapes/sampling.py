@@ -239,12 +239,21 @@ class Sampled:
 
 
 def sample_query(
-    rng: np.random.Generator, family: str, rules: Rules, subset: str | None = None, max_tries: int = 500
+    rng: np.random.Generator,
+    family: str,
+    rules: Rules,
+    subset: str | None = None,
+    max_tries: int = 500,
+    intermediate_scenes: bool = False,
 ) -> Sampled:
-    """A random query of ``family`` that satisfies ``rules`` (every text unambiguous by construction)."""
+    """A random query of ``family`` that satisfies ``rules`` (every text unambiguous by construction).
+
+    ``intermediate_scenes``: a two-step query's gold reasoning writes out the scene after its first step. It changes
+    no random draw, so the scenes and texts are those of the default.
+    """
     for _ in range(max_tries):
         ref = sample_scene(rng, rules)
-        got = _try_family(rng, family, ref, rules)
+        got = _try_family(rng, family, ref, rules, intermediate_scenes)
         if got is None:
             continue
         program, realization, ops, scenes = got
@@ -258,7 +267,7 @@ def sample_query(
 
 
 def _try_family(
-    rng: np.random.Generator, family: str, ref: Scene, rules: Rules
+    rng: np.random.Generator, family: str, ref: Scene, rules: Rules, intermediate_scenes: bool = False
 ) -> tuple[Program, Realization, tuple[str, ...], list[Scene]] | None:
     if family == "two_step":
         op1, op2 = _choice(rng, rules.combos)
@@ -274,7 +283,8 @@ def _try_family(
         r2 = choose_realization(rng, mid, s2, relational=False)
         if r1 is None or r2 is None:
             return None
-        return (s1, s2), combine(r1, r2, _choice(rng, T_TWO)), (op1, op2), [mid, target]
+        realization = combine(r1, r2, _choice(rng, T_TWO), mid if intermediate_scenes else None)
+        return (s1, s2), realization, (op1, op2), [mid, target]
     if family == "relational":
         op = _choice(rng, RELATIONAL_OPS)
     elif family == "set":
