@@ -126,6 +126,12 @@ class ImagePreprocessor:
             self._std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
             self._scale = float(ip.rescale_factor)
 
+    def set_cache_size(self, n: int) -> None:
+        """Keep at most ``n`` decoded images (0: none); the oldest are dropped at once."""
+        self.cache_size = n
+        while len(self._cache) > max(n, 0):
+            self._cache.popitem(last=False)
+
     @property
     def merge_size(self) -> int:
         return int(self.image_processor.merge_size)

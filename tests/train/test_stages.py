@@ -213,6 +213,26 @@ def test_frozen_stage_caches_vision_and_gives_it_no_gradient(tmp_path, world):
     assert images <= set(tr._vision_cache)
 
 
+def test_decoded_pixels_are_kept_only_while_the_tower_trains(tmp_path, world):
+    """A frozen tower's cached outputs stand in for the decoded images, which would only take memory."""
+    stages = [
+        {"name": "see", "mode": "fast", "steps": 1, "lr": 1e-3},
+        {"name": "cot", "mode": "full", "steps": 1, "lr": 1e-3, "freeze": FROZEN},
+        {"name": "again", "mode": "fast", "steps": 1, "lr": 1e-3},
+    ]
+    tr = _trainer(_cfg(tmp_path, world, stages))
+    batch = {"index": list(range(8)), "example": tr.examples[:8]}
+    tr._micro_step(batch, tr.cfg.stages[0], random.Random(0))
+    pixels = tr.model.images
+    assert pixels.cache_size >= 100_000 and len(pixels._cache) >= 8
+    tr._enter_stage(1, fresh=True)
+    assert pixels.cache_size == 0 and not pixels._cache
+    tr._micro_step(batch, tr.cfg.stages[1], random.Random(0))
+    assert not pixels._cache and tr._vision_cache
+    tr._enter_stage(2, fresh=True)
+    assert pixels.cache_size >= 100_000 and not tr._vision_cache
+
+
 def test_stage_freezing_never_unfreezes_what_was_frozen_before_training(tmp_path, world):
     """A parameter outside the trainable set (a LoRA base weight, say) stays frozen in every stage."""
     stages = [

@@ -500,8 +500,10 @@ class Trainer:
         self.model.to(self.accelerator.device)
         if self.cfg.model.text_attention:
             self.model.hf.set_attn_implementation({"text_config": self.cfg.model.text_attention})
-        # decoded training images are kept in memory (~37 KB each at 112 px): every image is read from disk once
-        self.model.images.cache_size = max(self.model.images.cache_size, TRAIN_IMAGE_CACHE)
+        # decoded training images are kept in memory (~37 KB each at 112 px) while the vision tower trains: every
+        # image is read from disk once. A frozen tower's outputs are cached instead (see `_enter_stage`).
+        self._pixel_cache_size = max(self.model.images.cache_size, TRAIN_IMAGE_CACHE)
+        self.model.images.set_cache_size(self._pixel_cache_size)
         self.temperature = self.cfg.loss.temperature or float(self.model.config.temperature)
         self.info_nce = InfoNCELoss(self.temperature, symmetric=self.cfg.loss.symmetric, gather=True)
         self.cross_entropy = CoTCrossEntropy(token_id(self.model.tokenizer, TAGS["conclusion"][0]))
@@ -997,6 +999,8 @@ class Trainer:
         was_frozen = self._vision_frozen
         frozen = not any(p.requires_grad for p in self.model.hf.model.visual.parameters())
         self._vision_frozen = frozen and not self.model.has_deepstack
+        # decoded pixels are kept only while the tower trains; frozen, its cached outputs stand in for them
+        self.model.images.set_cache_size(0 if self._vision_frozen else self._pixel_cache_size)
         if not self._vision_frozen:  # the tower may change: what was cached is stale
             self._vision_cache.clear()
             self._vision_cache_bytes = 0
