@@ -308,13 +308,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             em = c["conclusion_exact_per_family"]
             cells = [_fmt(100 * em[f]) if f in em else "—" for f in fams] + ["" for _ in subsets]
             lines.append("| (c) conclusion EM | " + " | ".join(cells) + " |")
-        w = rows.get("c", {}).get("fast_weight")
-        if w:
+        w, k = rows.get("c", {}).get("fast_weight"), rows.get("c", {}).get("cot_samples")
+        if w or k:
+            cot = "the state at the `<emb>` after its CoT"
+            if k:
+                cot = (
+                    f"the mean of the `<emb>` embeddings of its greedy CoT and of k = {k} CoTs sampled at temperature "
+                    f"{rows['c'].get('sampling_temperature')} (the model's cot_samples, chosen on val; the CoT scored "
+                    "and shown is the greedy one)"
+                )
             lines += [
                 "",
-                f"Row (c) embeds each query as the model does by default: (1 − w) × the state at the `<emb>` after "
-                f"its CoT + w × its fast-mode embedding, w = {w} (the model's fast_weight, chosen on val); (c°) "
-                "embeds the same CoTs at `<emb>` alone (w = 0, the paper's rule). (c*) uses w as (c) does.",
+                f"Row (c) embeds each query as the model does by default: (1 − w) × {cot} + w × its fast-mode "
+                f"embedding, w = {w} (the model's fast_weight, chosen on val); (c°) embeds the same greedy CoTs at "
+                "`<emb>` alone (w = 0, no samples: the paper's rule). (c*) uses w as (c) does.",
             ]
         for key in ("c", "c_cot"):
             r = rows.get(key, {}).get(split)
@@ -434,12 +441,19 @@ def main() -> None:
     if cot_dir:
         model = CIRCoT.from_pretrained(cot_dir).eval()
         train_s = _train_time(args.cot_run, args.cot_train_time)
-        keys = ["c", "c_cot", "c_fast", "c_gold"] if model.config.fast_weight else ["c", "c_fast", "c_gold"]
+        cfg = model.config
+        keys = (
+            ["c", "c_cot", "c_fast", "c_gold"]
+            if cfg.fast_weight or cfg.cot_samples
+            else ["c", "c_fast", "c_gold"]
+        )
         for key in keys:
             rows[key] = {
                 "model": str(cot_dir),
                 "fingerprint": model.fingerprint,
-                "fast_weight": model.config.fast_weight,
+                "fast_weight": cfg.fast_weight,
+                "cot_samples": cfg.cot_samples,
+                "sampling_temperature": cfg.sampling_temperature,
                 "train_wall_time_s": train_s,
                 "perception": perception_probe(args.cot_run),
             }

@@ -3,11 +3,12 @@
     python scripts/ship_model.py runs/shapes-tiny-cot-continue2/model
     python scripts/ship_model.py src/circot/assets/shapes-tiny --table benchmarks/results.json \
         --training "circot train --config configs/shapes-tiny-cot.yaml (...)"
-    python scripts/ship_model.py src/circot/assets/shapes-tiny --fast-weight 0.3
+    python scripts/ship_model.py src/circot/assets/shapes-tiny --fast-weight 0.3 [--cot-samples 2 \
+        --sampling-temperature 0.7]
 
 The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
 table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the blend of the fast
-embedding into full mode's that val chose (benchmarks/fast_weight.py). Storing float16 halves the size; the
+embedding into full mode's (and the sampled CoTs averaged in) that val chose (benchmarks/fast_weight.py). Storing float16 halves the size; the
 model computes in float32 when loaded, and storing again what was loaded is lossless, so the fingerprint the
 table recorded stays the shipped model's.
 """
@@ -67,12 +68,21 @@ def main() -> None:
         type=float,
         help="full mode's blend of the fast embedding (benchmarks/fast_weight.py)",
     )
+    ap.add_argument(
+        "--cot-samples", type=int, help="sampled CoTs full mode averages in (benchmarks/fast_weight.py)"
+    )
+    ap.add_argument("--sampling-temperature", type=float, help="the temperature of those samples")
     args = ap.parse_args()
 
     from circot.errors import CircotError
     from circot.model import CIRCoT
 
-    over = {} if args.fast_weight is None else {"fast_weight": args.fast_weight}
+    settings = {
+        "fast_weight": args.fast_weight,
+        "cot_samples": args.cot_samples,
+        "sampling_temperature": args.sampling_temperature,
+    }
+    over = {k: v for k, v in settings.items() if v is not None}
     try:
         model = CIRCoT.from_pretrained(args.model, **over)
     except CircotError as e:

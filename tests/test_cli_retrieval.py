@@ -100,6 +100,16 @@ def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
     code, _, err = cli("search", "--index", tmp_path / "ix", *given, "--fast-weight", "1.5")
     assert code != 0 and "--fast-weight" in err and "Traceback" not in err
 
+    # --cot-samples averages sampled CoTs into a generated query's embedding (a given CoT embeds alone)
+    generated = given[:4]
+    for k in ("0", "1"):
+        code, out, err = cli("search", "--index", tmp_path / "ix", *generated, "--cot-samples", k, "--json")
+        assert code == 0, err
+        scores[k] = {r["id"]: r["score"] for r in json.loads(out)["results"]}
+    assert scores["0"] != scores["1"]
+    code, _, err = cli("search", "--index", tmp_path / "ix", *generated, "--cot-samples", "-1")
+    assert code != 0 and "--cot-samples" in err and "Traceback" not in err
+
 
 def test_cli_errors_are_one_line(cli, tmp_path, model_dir):
     code, _, err = cli(

@@ -47,7 +47,12 @@ def test_evaluate_uses_caches_and_matches_direct_scoring(world, model, tmp_path)
             "cot_generated": 0,
         }
         assert second.metrics.metrics == first.metrics.metrics
+        # with sampled CoTs averaged in, a cached CoT would embed alone: the cache is not read
+        model.config.cot_samples = 1
+        sampled = evaluate(model, "shapes", world, "val", cache_dir=tmp_path)
+        assert calls["gen"] == 8 + 2 * 8 and sampled.cache["cot_cached"] == 0  # greedy and sampled decodes
     finally:
+        model.config.cot_samples = 0
         del model._decode_steps
     assert set(first.cot_scores) >= {"caption_f1", "conclusion_exact", "well_formed"}
     assert {"R@1", "R@10", "mAP@5"} <= set(first.metrics.metrics)

@@ -77,7 +77,7 @@ def _script(model: CIRCoT, text: str, monkeypatch) -> None:
     real_decode = model._decode_steps
     step = [0]
 
-    def next_token(logits):
+    def next_token(logits, generator=None):
         tok = torch.full(logits.shape[:1], ids[step[0]], dtype=torch.long, device=logits.device)
         step[0] += 1
         return tok
@@ -495,6 +495,47 @@ def test_fast_weight_blends_the_fast_embedding_into_full_mode(model, images):
         assert not np.allclose(want, cot_emb, atol=1e-3)  # the blend moved the embeddings
     finally:
         model.config.fast_weight = 0.0
+
+
+def test_cot_samples_average_sampled_cots_into_the_greedy_one(model, images):
+    """cot_samples k: a generated query embeds the mean of its greedy CoT's and k sampled CoTs' ``<emb>``
+    embeddings, renormalised: the same on the batched and the streamed path and from run to run. The CoT shown is
+    the greedy one, a given CoT embeds alone, and samples at a temperature near 0 (the greedy CoT k more times)
+    leave the embedding as it was. The fingerprint (so an index's validity) ignores k."""
+    model.eval()
+    fp = model.fingerprint
+    greedy, cots = model.encode_queries(images, TEXTS, mode="full", return_reasoning=True)
+    cfg = model.config
+    cfg.cot_samples = 2
+    try:
+        assert model.fingerprint == fp
+        cfg.sampling_temperature = 1e-4
+        np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="full"), greedy, atol=1e-5)
+        cfg.sampling_temperature = 1.0
+        got, shown = model.encode_queries(images, TEXTS, mode="full", return_reasoning=True)
+        assert [c.raw for c in shown] == [c.raw for c in cots]
+        assert not np.allclose(got, greedy, atol=1e-3)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(model.encode_queries(images, TEXTS, mode="full"), got)
+        np.testing.assert_allclose(
+            model.encode_queries(images, TEXTS, mode="full", cots=cots), greedy, atol=1e-5
+        )
+        one = model.encode_queries(images[1], TEXTS[1], mode="full")
+        out: dict = {}
+        "".join(model.stream_reasoning(images[1], TEXTS[1], embedding=out))
+        np.testing.assert_allclose(out["embedding"], one, atol=1e-5)
+        assert not np.allclose(one, greedy[1], atol=1e-3)
+    finally:
+        cfg.cot_samples, cfg.sampling_temperature = 0, 1.0
+
+
+@pytest.mark.parametrize("field,bad", [("cot_samples", -1), ("cot_samples", True), ("cot_samples", 1.5),
+                                       ("sampling_temperature", 0.0)])  # fmt: skip
+def test_cot_samples_and_sampling_temperature_are_checked(field, bad):
+    from circot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        CIRCoTConfig(**{field: bad})
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 2, True, "0.2"])

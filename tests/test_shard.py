@@ -177,23 +177,25 @@ def test_sharded_evaluate_equals_one_process_and_resumes(world, model, tmp_path)
     assert not work.exists()  # shard files removed once merged
 
 
-def test_query_shards_are_not_reused_across_fast_weights(world, model, tmp_path):
-    """fast_weight changes full mode's query embeddings but not the fingerprint: the query shard is redone, the
-    gallery shard reused."""
+@pytest.mark.parametrize("setting,value", [("fast_weight", 0.3), ("cot_samples", 1)])
+def test_query_shards_are_not_reused_across_query_settings(world, model, tmp_path, setting, value):
+    """fast_weight and cot_samples change full mode's query embeddings but not the fingerprint: the query shard
+    is redone, the gallery shard reused."""
     from circot.data.shapes import load
     from circot.evaluate import evaluate_split
 
     split = load(world, "val")
     kw = dict(mode="full", use_cache=False, world_size=2, work_dir=tmp_path / "work")
     counter = _Counting(model)
+    default = getattr(model.config, setting)
     try:
         assert evaluate_split(model, split, rank=1, **kw) is None
         first = (counter.images, counter.queries)
-        model.config.fast_weight = 0.3
+        setattr(model.config, setting, value)
         assert evaluate_split(model, split, rank=1, **kw) is None
         assert (counter.images, counter.queries) == (first[0], 2 * first[1])
     finally:
-        model.config.fast_weight = 0.0
+        setattr(model.config, setting, default)
         counter.close()
 
 

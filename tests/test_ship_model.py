@@ -47,11 +47,20 @@ def test_a_table_of_another_model_is_refused(ship_model):
         ship_model.card_results(table, "0" * 16, None)
 
 
-def test_a_bad_fast_weight_is_one_error_and_writes_nothing(ship_model, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--fast-weight", "1.5", r"fast_weight must be in \[0, 1\), got 1.5"),
+        ("--cot-samples", "-2", r"cot_samples must be an integer >= 0, got -2"),
+    ],
+)
+def test_a_bad_setting_is_one_error_and_writes_nothing(
+    ship_model, monkeypatch, tmp_path, option, value, message
+):
     shipped = SCRIPT.parents[1] / "src" / "circot" / "assets" / "shapes-tiny"
     dest = tmp_path / "shipped"
-    argv = ["ship_model.py", str(shipped), "--dest", str(dest), "--fast-weight", "1.5"]
+    argv = ["ship_model.py", str(shipped), "--dest", str(dest), option, value]
     monkeypatch.setattr("sys.argv", argv)
-    with pytest.raises(SystemExit, match=r"^error: .*fast_weight must be in \[0, 1\), got 1.5"):
+    with pytest.raises(SystemExit, match=rf"^error: .*{message}"):
         ship_model.main()
     assert not dest.exists()

@@ -54,6 +54,9 @@ class CIRCoTConfig:
     # full mode's query embedding blends in the same query's fast-mode embedding: (1 - w) * e_cot + w * e_fast,
     # renormalised when ``normalize``; 0 is the paper's rule (the state at the <emb> after the CoT alone)
     fast_weight: float = 0.0
+    # full mode's generated queries also decode this many sampled CoTs (at ``sampling_temperature``) and embed the
+    # mean of their <emb> embeddings and the greedy CoT's (self-consistency); 0: the greedy CoT alone
+    cot_samples: int = 0
     # reasoning / generation
     max_cot_tokens: int = 128
     do_sample: bool = False
@@ -84,6 +87,14 @@ class CIRCoTConfig:
             or not 0.0 <= self.fast_weight < 1.0
         ):
             raise ConfigError(f"fast_weight must be in [0, 1), got {self.fast_weight!r}")
+        if (
+            isinstance(self.cot_samples, bool)
+            or not isinstance(self.cot_samples, int)
+            or self.cot_samples < 0
+        ):
+            raise ConfigError(f"cot_samples must be an integer >= 0, got {self.cot_samples!r}")
+        if self.sampling_temperature <= 0:
+            raise ConfigError(f"sampling_temperature must be > 0, got {self.sampling_temperature}")
         if self.max_cot_tokens < 1:
             raise ConfigError(f"max_cot_tokens must be >= 1, got {self.max_cot_tokens}")
         if self.compute_dtype not in (None, *FLOAT_DTYPES):

@@ -122,7 +122,8 @@ def _embed_queries_cached(
     reasoner: Any = None,
 ) -> tuple[np.ndarray, list[CoT | None], int]:
     """Query embeddings through :func:`circot.search.embed_queries`, in full mode with the CoTs found in
-    ``cache`` given and the others generated (and stored); returns (embeddings, cots, cache hits)."""
+    ``cache`` given and the others generated (and stored); returns (embeddings, cots, cache hits). With the
+    model's ``cot_samples`` > 0 nothing is read from the cache: a given CoT embeds alone, without the samples."""
     from circot.search import embed_queries
 
     n = len(texts)
@@ -131,7 +132,7 @@ def _embed_queries_cached(
     if mode == "full" and cache is not None:
         keys = [CoTCache.key(hash_file(p), t) for p, t in zip(images, texts, strict=True)]
         for i, k in enumerate(keys):
-            hit = cache.get(k)
+            hit = cache.get(k) if not model.config.cot_samples else None
             if hit is not None:
                 given[i] = _cached_cot(hit)
     hits = sum(c is not None for c in given)
@@ -226,6 +227,7 @@ def _sharded_embeddings(
             "mode": mode,
             "reasoner": getattr(reasoner, "remote", False) and reasoner.cache_tag(model),
             "fast_weight": model.config.fast_weight if mode == "full" else 0.0,
+            "cot_samples": model.config.cot_samples if mode == "full" else 0,
         },
     )
 

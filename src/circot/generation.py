@@ -22,9 +22,15 @@ FUSE_MAX_PARAMETERS = 200_000_000
 
 
 def decode_steps(
-    model: Any, seq: _Seqs, image_out: Any, max_new: int, embed: dict[str, torch.Tensor] | None = None
+    model: Any,
+    seq: _Seqs,
+    image_out: Any,
+    max_new: int,
+    embed: dict[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy (or sampled) decoding with the KV cache; yields the (b,) next tokens until all rows stop.
+    ``generator``: sample from it, whatever the config's ``do_sample``.
 
     The prompt is prefilled by the transformers model; the one-token steps run through
     :class:`_LeanDecoder` (same modules and weights, without transformers' per-call machinery) when the
@@ -54,7 +60,7 @@ def decode_steps(
     )
     for step in range(max_new + int(closing)):
         if step < max_new:
-            token = model._next_token(model.hf.lm_head(hidden))
+            token = model._next_token(model.hf.lm_head(hidden), generator)
             token = torch.where(done, torch.full_like(token, model.pad_token_id), token)
             yield token
             finishing = ~done & torch.isin(token, stops)

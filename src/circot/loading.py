@@ -472,7 +472,13 @@ def model_card(model: Any, results: dict[str, Any] | None = None) -> str:
         f"- vision: depth {vis_cfg.depth}, patch {vis_cfg.patch_size}, merge {vis_cfg.spatial_merge_size}; "
         f"pixels {cfg.min_pixels}–{cfg.max_pixels}",
         f"- embedding: {cfg.extraction}, normalised: {cfg.normalize}, temperature {cfg.temperature}; full mode "
-        f"blends in the fast embedding with weight {cfg.fast_weight}",
+        f"blends in the fast embedding with weight {cfg.fast_weight}"
+        + (
+            f" and averages {cfg.cot_samples} CoTs sampled at temperature {cfg.sampling_temperature} into the "
+            "greedy one's"
+            if cfg.cot_samples
+            else ""
+        ),
         f"- max CoT tokens: {cfg.max_cot_tokens}; sampling: {cfg.do_sample}; prompt version {cfg.prompt_version}",
         f"- fingerprint: `{model.fingerprint}`",
         "",

@@ -43,6 +43,9 @@ from circot.tokenizer import token_id
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+COT_SAMPLE_SEED = (
+    0  # the generator of full mode's sampled CoTs (config `cot_samples`), seeded anew for each batch
+)
 MODES = ("gallery", "fast", "full")
 
 
@@ -196,8 +199,10 @@ class CIRCoT(nn.Module):
         h = hashlib.sha256()
         cfg = self.config.to_dict()
         cfg.pop("gradient_checkpointing", None)  # a training switch; embeddings do not depend on it
-        # a query-side blend: neither the gallery's embeddings nor the CoTs depend on it, so an index stays valid
+        # query-side settings: neither the gallery's embeddings nor the greedy CoTs depend on them, so an index
+        # stays valid (and the fingerprints of models saved before cot_samples existed stay as they were)
         cfg.pop("fast_weight", None)
+        cfg.pop("cot_samples", None)
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
         hash_weights(h, self.model)
@@ -413,9 +418,10 @@ class CIRCoT(nn.Module):
     def _hidden(self, input_ids, attention_mask, position_ids, image_out) -> torch.Tensor:
         return self._lm(input_ids, attention_mask, position_ids, image_out).last_hidden_state
 
-    def _next_token(self, logits: torch.Tensor) -> torch.Tensor:
+    def _next_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy unless the config samples or a ``generator`` to sample from is given."""
         logits = logits.index_fill(-1, self._banned_ids.to(logits.device), float("-inf"))
-        if not self.config.do_sample:
+        if not self.config.do_sample and generator is None:
             return logits.argmax(-1)
         probs = torch.softmax(logits.float() / self.config.sampling_temperature, dim=-1)
         if self.config.top_p < 1.0:
@@ -423,13 +429,39 @@ class CIRCoT(nn.Module):
             keep = sorted_p.cumsum(-1) - sorted_p < self.config.top_p
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def _decode_steps(
-        self, seq: _Seqs, image_out: Any, max_new: int, embed: dict[str, torch.Tensor] | None = None
+        self,
+        seq: _Seqs,
+        image_out: Any,
+        max_new: int,
+        embed: dict[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> Iterator[torch.Tensor]:
         """The decoding loop of full mode: :func:`circot.generation.decode_steps` (its docstring has the details)."""
-        return decode_steps(self, seq, image_out, max_new, embed)
+        return decode_steps(self, seq, image_out, max_new, embed, generator)
+
+    def _add_cot_samples(
+        self, cot_emb: torch.Tensor, prompt_ids: list[list[int]], grids: torch.Tensor, image_out: Any
+    ) -> torch.Tensor:
+        """Generated rows' embeddings ``(b, d)`` from their greedy CoTs' ``<emb>`` embeddings: as they are when the
+        config's ``cot_samples`` k is 0, else the mean of those and of k CoTs sampled per row (at
+        ``sampling_temperature``, from a generator seeded with :data:`COT_SAMPLE_SEED` for each batch),
+        renormalised. The shown reasoning stays the greedy one."""
+        k = int(self.config.cot_samples)
+        if k == 0:
+            return cot_emb
+        rows = [i for i in range(len(prompt_ids)) for _ in range(k)]
+        closed: dict[str, torch.Tensor] = {}
+        generator = torch.Generator(device=self.device).manual_seed(COT_SAMPLE_SEED)
+        seq = self._pad([prompt_ids[i] for i in rows], grids[rows])
+        for _ in self._decode_steps(
+            seq, _select_images(image_out, rows), self.config.max_cot_tokens, closed, generator
+        ):
+            pass
+        sampled = self._finish_embedding(closed["hidden"]).cpu().view(len(prompt_ids), k, -1)
+        return self._finish_embedding((cot_emb + sampled.sum(1)) / (1 + k))
 
     # ------------------------------------------------------------------ inference
     def _encode_query_batch(
@@ -481,7 +513,10 @@ class CIRCoT(nn.Module):
                         :-1
                     ]
                 if closed is not None:
-                    out[todo] = self._finish_embedding(closed["hidden"]).cpu()
+                    cot_emb = self._finish_embedding(closed["hidden"]).cpu()
+                    out[todo] = self._add_cot_samples(
+                        cot_emb, [prompt_ids[i] for i in todo], grids[todo], sub_out
+                    )
         if not embed:
             return None, parsed
         if pooled:
@@ -636,6 +671,7 @@ class CIRCoT(nn.Module):
                     for _ in steps:  # the closing <emb> step
                         pass
                     cot_emb = self._finish_embedding(closed["hidden"]).cpu()  # type: ignore[index]
+                    cot_emb = self._add_cot_samples(cot_emb, prompt_ids, grids, image_out)
                     blended = self._blend_fast(cot_emb, [text], self.images.n_tokens(grids), grids, image_out)
                     embedding["embedding"] = blended[0].numpy()  # type: ignore[index]
             if token is None:

@@ -111,13 +111,16 @@ def check_device(device: str) -> str:
 
 
 def load_model(
-    model: str | Path | None, device: str | None = "auto", fast_weight: float | None = None
+    model: str | Path | None,
+    device: str | None = "auto",
+    fast_weight: float | None = None,
+    cot_samples: int | None = None,
 ) -> Any:
     """Load a circot model by folder or hub id (``None``: the shipped shapes model) onto ``device``;
-    ``fast_weight``: in place of the model's own (:class:`circot.config.CIRCoTConfig`)."""
+    ``fast_weight``, ``cot_samples``: in place of the model's own (:class:`circot.config.CIRCoTConfig`)."""
     from circot.model import CIRCoT
 
-    over = {} if fast_weight is None else {"fast_weight": fast_weight}
+    over = {k: v for k, v in (("fast_weight", fast_weight), ("cot_samples", cot_samples)) if v is not None}
     return CIRCoT.from_pretrained(
         str(model) if model is not None else None, device=resolve_device(device), **over
     )

@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         reasoner_model: str = reasoning.REASONER_MODEL,
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
         fast_weight: float = reasoning.FAST_WEIGHT,
+        cot_samples: int = reasoning.COT_SAMPLES,
         store: str = typer.Option(
             None,
             "--store",
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
         if not root.exists():
             raise CircotError(f"{dataset}: root folder {str(root)!r} does not exist")
         reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env, batch_size)
-        net = load_model(model, device, fast_weight)
+        net = load_model(model, device, fast_weight, cot_samples)
         try:
             report = evaluate(
                 net,

@@ -34,6 +34,14 @@ FAST_WEIGHT = typer.Option(
     "model's fast_weight; 0: the CoT's alone).",
 )
 
+COT_SAMPLES = typer.Option(
+    None,
+    "--cot-samples",
+    min=0,
+    help="Full mode also samples K CoTs per query and embeds the mean of theirs and the greedy one's (default: "
+    "the model's cot_samples; 0: the greedy CoT alone). Costs K more decodes a query.",
+)
+
 
 def build(kind: str, base_url: str | None, model: str | None, api_key_env: str | None, concurrency: int = 16):
     """The reasoner the options name (:func:`circot.reasoner.make_reasoner`)."""

@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         reasoner_model: str = reasoning.REASONER_MODEL,
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
         fast_weight: float = reasoning.FAST_WEIGHT,
+        cot_samples: int = reasoning.COT_SAMPLES,
     ) -> None:
         """Find the gallery images that match IMAGE changed as TEXT says; print the reasoning and the ranking."""
         from circot.errors import CircotError
@@ -72,7 +73,7 @@ def register(app: typer.Typer) -> None:
             raise CircotError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
         reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env)
         gallery = open_store(index, mmap=mmap)
-        net = load_model(model or gallery.manifest.model, device, fast_weight)
+        net = load_model(model or gallery.manifest.model, device, fast_weight, cot_samples)
         cot = None
         if conclusion is not None:
             cot = {"caption": "", "reasoning": "", "conclusion": conclusion}
