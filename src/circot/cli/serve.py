@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         reasoner_model: str = reasoning.REASONER_MODEL,
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
         fast_weight: float = reasoning.FAST_WEIGHT,
+        cot_samples: int = reasoning.COT_SAMPLES,
     ) -> None:
         """Serve a gallery index over HTTP: a JSON API and a page to search and steer the reasoning."""
         import os
@@ -79,6 +80,7 @@ def register(app: typer.Typer) -> None:
                 api_key=api_key,
                 reasoner=reasoner,
                 fast_weight=fast_weight,
+                cot_samples=cot_samples,
             )
         finally:
             reasoner.close()

@@ -55,6 +55,7 @@ def serve(
     api_key: str | None = None,
     reasoner: Any = None,
     fast_weight: float | None = None,
+    cot_samples: int | None = None,
 ) -> None:
     """Serve the gallery index at ``index_path`` (a store URI, see :mod:`circot.store`) with ``model``
     (default: the shipped shapes model).
@@ -62,8 +63,8 @@ def serve(
     ``device``: a torch device, or ``auto`` (this process's GPU when there is one, else the CPU).
     ``api_key``: require it as a bearer token (see :func:`circot.serve.app.create_app`).
     ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
-    ``fast_weight``: full mode's blend of the fast embedding, in place of the model's own (see
-    :class:`circot.config.CIRCoTConfig`).
+    ``fast_weight``, ``cot_samples``: full mode's blend of the fast embedding and its sampled CoTs, in place of
+    the model's own (see :class:`circot.config.CIRCoTConfig`).
 
     Blocks until the server stops. Sets PIL's process-wide decompression-bomb limit to the pixel limit.
 
@@ -88,7 +89,7 @@ def serve(
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     use_whole_image_blocks(limits.max_pixels)
     index = open_store(spec)
-    loaded = load_model(model, device, fast_weight)
+    loaded = load_model(model, device, fast_weight, cot_samples)
     app = create_app(
         index, loaded, limits=limits, check_fingerprint=check_fingerprint, api_key=api_key, reasoner=reasoner
     )
