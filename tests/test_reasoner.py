@@ -44,7 +44,8 @@ def model():
     import torch
 
     torch.set_num_threads(1)
-    return load_model(None, "cpu")
+    # a served reasoner hands back the greedy CoT alone, which embeds as given (no sampled CoTs averaged in)
+    return load_model(None, "cpu", cot_samples=0)
 
 
 @pytest.fixture(scope="module")
