@@ -90,25 +90,18 @@ def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
     assert code == 0, err
     assert json.loads(out)["cot"]["conclusion"] == "a red circle" and json.loads(out)["cot_given"]
 
-    # --fast-weight blends the fast embedding into full mode's; the index stays the model's (same fingerprint)
-    scores = {}
-    for w in ("0", "0.5"):
-        code, out, err = cli("search", "--index", tmp_path / "ix", *given, "--fast-weight", w, "--json")
-        assert code == 0, err
-        scores[w] = {r["id"]: r["score"] for r in json.loads(out)["results"]}
-    assert scores["0"] != scores["0.5"]
-    code, _, err = cli("search", "--index", tmp_path / "ix", *given, "--fast-weight", "1.5")
-    assert code != 0 and "--fast-weight" in err and "Traceback" not in err
-
-    # --cot-samples averages sampled CoTs into a generated query's embedding (a given CoT embeds alone)
-    generated = given[:4]
-    for k in ("0", "1"):
-        code, out, err = cli("search", "--index", tmp_path / "ix", *generated, "--cot-samples", k, "--json")
-        assert code == 0, err
-        scores[k] = {r["id"]: r["score"] for r in json.loads(out)["results"]}
-    assert scores["0"] != scores["1"]
-    code, _, err = cli("search", "--index", tmp_path / "ix", *generated, "--cot-samples", "-1")
-    assert code != 0 and "--cot-samples" in err and "Traceback" not in err
+    # --fast-weight blends the fast embedding into full mode's; --cot-samples averages sampled CoTs into a generated
+    # query's embedding (a given CoT embeds alone). The index stays the model's (the fingerprint ignores both).
+    settings = [(given, "--fast-weight", ("0", "0.5"), "1.5"), (given[:4], "--cot-samples", ("0", "1"), "-1")]
+    for query, option, values, bad in settings:
+        scores = []
+        for v in values:
+            code, out, err = cli("search", "--index", tmp_path / "ix", *query, option, v, "--json")
+            assert code == 0, err
+            scores.append({r["id"]: r["score"] for r in json.loads(out)["results"]})
+        assert scores[0] != scores[1], option
+        code, _, err = cli("search", "--index", tmp_path / "ix", *query, option, bad)
+        assert code != 0 and option in err and "Traceback" not in err
 
 
 def test_cli_errors_are_one_line(cli, tmp_path, model_dir):
