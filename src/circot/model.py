@@ -43,9 +43,8 @@ from circot.tokenizer import token_id
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-COT_SAMPLE_SEED = (
-    0  # the generator of full mode's sampled CoTs (config `cot_samples`), seeded anew for each batch
-)
+# the seed of the generator of full mode's sampled CoTs (config `cot_samples`), seeded anew for each batch
+COT_SAMPLE_SEED = 0
 MODES = ("gallery", "fast", "full")
 
 
