@@ -7,10 +7,10 @@
         --sampling-temperature 0.7]
 
 The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
-table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the blend of the fast
-embedding into full mode's (and the sampled CoTs averaged in) that val chose (benchmarks/fast_weight.py). Storing float16 halves the size; the
-model computes in float32 when loaded, and storing again what was loaded is lossless, so the fingerprint the
-table recorded stays the shipped model's.
+table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the query settings val
+chose (benchmarks/fast_weight.py): the blend of the fast embedding into full mode's, and the sampled CoTs averaged
+in. Storing float16 halves the size; the model computes in float32 when loaded, and storing again what was loaded
+is lossless, so the fingerprint the table recorded stays the shipped model's.
 """
 
 from __future__ import annotations

@@ -131,10 +131,11 @@ def _embed_queries_cached(
     keys: list[str] = []
     if mode == "full" and cache is not None:
         keys = [CoTCache.key(hash_file(p), t) for p, t in zip(images, texts, strict=True)]
-        for i, k in enumerate(keys):
-            hit = cache.get(k) if not model.config.cot_samples else None
-            if hit is not None:
-                given[i] = _cached_cot(hit)
+        if not model.config.cot_samples:  # with samples, nothing is read; new CoTs are still stored
+            for i, k in enumerate(keys):
+                hit = cache.get(k)
+                if hit is not None:
+                    given[i] = _cached_cot(hit)
     hits = sum(c is not None for c in given)
     bar = None
     if progress:

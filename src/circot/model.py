@@ -499,7 +499,8 @@ class CIRCoT(nn.Module):
                 parsed[i] = prompts.parse_cot(prompts.format_cot(c)) if isinstance(c, dict) else c
             todo = [i for i in range(n) if i not in pooled]
             if todo:
-                gen_seq = self._pad([prompt_ids[i] for i in todo], grids[todo])
+                todo_prompts = [prompt_ids[i] for i in todo]
+                gen_seq = self._pad(todo_prompts, grids[todo])
                 sub_out = _select_images(image_out, todo) if len(todo) < n else image_out
                 closed: dict[str, torch.Tensor] | None = {} if embed else None
                 steps = list(self._decode_steps(gen_seq, sub_out, self.config.max_cot_tokens, embed=closed))
@@ -513,9 +514,7 @@ class CIRCoT(nn.Module):
                     ]
                 if closed is not None:
                     cot_emb = self._finish_embedding(closed["hidden"]).cpu()
-                    out[todo] = self._add_cot_samples(
-                        cot_emb, [prompt_ids[i] for i in todo], grids[todo], sub_out
-                    )
+                    out[todo] = self._add_cot_samples(cot_emb, todo_prompts, grids[todo], sub_out)
         if not embed:
             return None, parsed
         if pooled:
