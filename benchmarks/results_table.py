@@ -207,14 +207,8 @@ def evaluate_mllm(
                 {"query_id": q.query_id, "text": q.text, "generated": c.to_dict(), "gold": g.to_dict()}
                 for q, c, g in list(zip(split.queries, cots, gold, strict=True))[:5]
             ]
-            # reasoning quality per family (conclusion exact match), to read beside R@1 per family
-            per_family: dict[str, float] = {}
-            for fam in FAMILIES:
-                idx = [i for i, q in enumerate(split.queries) if q.extras.get("family") == fam]
-                if idx:
-                    s = shapes.score_cot([cots[i] for i in idx], [gold[i] for i in idx])
-                    per_family[fam] = s["conclusion_exact"]
-            res["conclusion_exact_per_family"] = per_family
+            # reasoning quality per family and subset, to read beside R@1 per family
+            res["cot_per_group"] = shapes.score_cot_by_group(cots, gold, split.queries)
             latency_mode, latency_cots = "full", None
         elif row == "c_cot":
             with fast_weight(model, 0.0):
@@ -255,6 +249,28 @@ def _fmt(v: Any, digits: int = 1) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def _anatomy(split: str, groups: dict[str, dict[str, float]]) -> list[str]:
+    """Where (c)'s greedy CoT goes wrong: exact match of each part per edit family and subset, and the
+    conclusion's when the caption and the reasoning are both right."""
+    from circot.data.shapes import conclusion_given_read_right
+
+    lines = [
+        "",
+        f"Where the reasoning of (c) goes wrong ({split}, exact match of each part of the greedy CoT, %):",
+        "",
+        "| group | n | caption | reasoning | conclusion | conclusion when caption and reasoning are right (n) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for group, s in groups.items():
+        given, n_read = conclusion_given_read_right(s)
+        lines.append(
+            f"| {group.split('=', 1)[1]} | {int(s['n'])} | {_fmt(100 * s['caption_exact'])} | "
+            f"{_fmt(100 * s['reasoning_exact'])} | {_fmt(100 * s['conclusion_exact'])} | "
+            f"{_fmt(None if given is None else 100 * given)} ({n_read}) |"
+        )
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -304,9 +320,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         c = rows.get("c", {}).get(split)
-        if c and c.get("conclusion_exact_per_family"):
-            em = c["conclusion_exact_per_family"]
-            cells = [_fmt(100 * em[f]) if f in em else "—" for f in fams] + ["" for _ in subsets]
+        groups = (c or {}).get("cot_per_group") or {}
+        if groups:
+            cells = [
+                _fmt(100 * groups[f"family={f}"]["conclusion_exact"]) if f"family={f}" in groups else "—"
+                for f in fams
+            ] + ["" for _ in subsets]
             lines.append("| (c) conclusion EM | " + " | ".join(cells) + " |")
         w, k = rows.get("c", {}).get("fast_weight"), rows.get("c", {}).get("cot_samples")
         if w or k:
@@ -336,6 +355,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"gold caption and reasoning, another query's gold conclusion): that query's target first for "
                 f"{_fmt(f['steering_R@1'])} %, the query's own target first for {_fmt(f['steering_own_target_R@1'])} %.",
             ]
+        if groups:
+            lines += _anatomy(split, groups)
         lines.append("")
     probes = [(ROWS[k], rows[k]["perception"]) for k in ("b", "c") if rows.get(k, {}).get("perception")]
     if probes:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from circot.errors import CircotError
+from circot.evaluate import format_cot_groups
 from retrieval_fakes import shapes_tiny_model, small_world
 
 
@@ -54,7 +55,14 @@ def test_evaluate_uses_caches_and_matches_direct_scoring(world, model, tmp_path)
     finally:
         model.config.cot_samples = 0
         del model._decode_steps
-    assert set(first.cot_scores) >= {"caption_f1", "conclusion_exact", "well_formed"}
+    assert set(first.cot_scores) >= {"caption_f1", "reasoning_exact", "conclusion_exact", "read_right"}
+    # per edit family: the counts add up to the split, and the table prints a line per family
+    families = {g: v for g, v in first.cot_scores_by_group.items() if g.startswith("family=")}
+    assert sum(v["n"] for v in families.values()) == first.n_queries
+    table = first.format()
+    assert "reasoning exact match per group" in table
+    assert all(f"\n  {g} " in table for g in families)
+    assert first.to_dict()["cot_scores_by_group"].keys() == first.cot_scores_by_group.keys()
     assert {"R@1", "R@10", "mAP@5"} <= set(first.metrics.metrics)
     preds = json.loads((tmp_path / "sub" / "shapes_val_predictions.json").read_text())
     assert len(preds) == 8
@@ -70,7 +78,7 @@ def test_evaluate_uses_caches_and_matches_direct_scoring(world, model, tmp_path)
     )
     np.testing.assert_allclose(report.scores, queries @ gallery.T, atol=1e-5)
     assert report.metrics.metrics == official(split, queries @ gallery.T).metrics
-    assert report.cot_scores is None
+    assert report.cot_scores is None and report.cot_scores_by_group is None
 
 
 def test_eval_cli(cli, world, tmp_path, model):
@@ -112,3 +120,15 @@ def test_evaluate_rejects_bad_mode(world, model, tmp_path):
 
     with pytest.raises(CircotError, match="mode"):
         evaluate(model, "shapes", world, "val", mode="slow", cache_dir=tmp_path)
+
+
+def test_format_cot_groups_gives_the_conclusion_given_a_right_reading() -> None:
+    base = {"caption_exact": 0.75, "reasoning_exact": 0.5, "conclusion_exact": 0.25}
+    lines = format_cot_groups(
+        {
+            "family=add": {**base, "n": 4.0, "read_right": 0.5, "all_exact": 0.25},
+            "subset=novel_pairs": {**base, "n": 2.0, "read_right": 0.0, "all_exact": 0.0},
+        }
+    )
+    assert lines[2].split() == ["family=add", "4", "75.0", "50.0", "25.0", "50.0", "(n", "=", "2)"]
+    assert lines[3].split()[-4:] == ["—", "(n", "=", "0)"]

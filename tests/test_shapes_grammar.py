@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from circot.data.shapes import corpus, describe, parse_description, render_scene, score_cot
+from circot.data.records import CIRQuery
+from circot.data.shapes import (
+    corpus,
+    describe,
+    parse_description,
+    render_scene,
+    score_cot,
+    score_cot_by_group,
+)
 from circot.data.shapes.grammar import Step, apply_step, interpretations, realize
 from circot.data.shapes.render import PALETTE
 from circot.data.shapes.sampling import FAMILIES, make_world, sample_query, split_rules
@@ -103,6 +111,42 @@ def test_score_cot_perfect_partial_malformed() -> None:
     )
     with pytest.raises(DataError):
         score_cot([gold], [])
+
+
+def test_score_cot_tells_a_wrong_conclusion_from_a_wrong_reading() -> None:
+    gold = _cot(describe(SCENE), "a large red circle at the center", "the star is removed; then x")
+    right = score_cot([gold], [gold])
+    assert right["reasoning_exact"] == right["read_right"] == right["all_exact"] == 1.0
+    # the same reasoning up to case, spacing and final punctuation; the clauses out of order are wrong
+    loose = _cot(gold.caption, gold.conclusion, "The star is removed;  then x.")
+    assert score_cot([loose], [gold])["reasoning_exact"] == 1.0
+    swapped = _cot(gold.caption, gold.conclusion, "then x; the star is removed")
+    assert score_cot([swapped], [gold])["reasoning_exact"] == 0.0
+    # read right, concluded wrong; read wrong (caption), concluded right
+    bad_conclusion = _cot(gold.caption, "a small red circle at the center", gold.reasoning)
+    bad_caption = _cot("a large red circle at the center", gold.conclusion, gold.reasoning)
+    s = score_cot([gold, bad_conclusion, bad_caption, swapped], [gold] * 4)
+    assert s["read_right"] == pytest.approx(2 / 4)  # gold and bad_conclusion
+    assert s["all_exact"] == pytest.approx(1 / 4)
+    assert s["conclusion_exact"] == pytest.approx(3 / 4)
+    assert s["caption_exact"] == pytest.approx(3 / 4) and s["reasoning_exact"] == pytest.approx(3 / 4)
+
+
+def test_score_cot_by_group_matches_score_cot_per_family_and_subset() -> None:
+    gold = _cot(describe(SCENE), "a large red circle at the center")
+    wrong = _cot(describe(SCENE), "a small red circle at the center")
+    queries = [
+        CIRQuery("q0", "r", "t", extras={"family": "add", "subset": None}),
+        CIRQuery("q1", "r", "t", extras={"family": "add", "subset": "novel_pairs"}),
+        CIRQuery("q2", "r", "t", extras={"family": "set", "subset": "novel_pairs"}),
+    ]
+    groups = score_cot_by_group([gold, wrong, wrong], [gold] * 3, queries)
+    assert list(groups) == ["family=add", "family=set", "subset=novel_pairs"]
+    assert groups["family=add"] == {**score_cot([gold, wrong], [gold, gold]), "n": 2.0}
+    assert groups["subset=novel_pairs"]["conclusion_exact"] == 0.0
+    assert groups["subset=novel_pairs"]["read_right"] == 1.0 and groups["family=set"]["n"] == 1.0
+    with pytest.raises(DataError):
+        score_cot_by_group([gold], [gold], queries)
 
 
 def test_render_is_deterministic_and_clean() -> None:

@@ -42,6 +42,7 @@ class EvaluationReport:
     n_gallery: int
     metrics: Any = None  # circot.metrics.EvalResult
     cot_scores: dict[str, float] | None = None
+    cot_scores_by_group: dict[str, dict[str, float]] | None = None  # shapes: per edit family and subset
     timings: dict[str, float] = field(default_factory=dict)
     cache: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
@@ -64,6 +65,11 @@ class EvaluationReport:
             "metrics": rounded(self.metrics.metrics) if self.metrics is not None else None,
             "conventions": self.metrics.conventions if self.metrics is not None else None,
             "cot_scores": rounded(self.cot_scores, SCORE_DIGITS),
+            "cot_scores_by_group": (
+                {g: rounded(v, SCORE_DIGITS) for g, v in self.cot_scores_by_group.items()}
+                if self.cot_scores_by_group
+                else None
+            ),
             "timings": rounded(self.timings),
             "cache": self.cache,
             "files": self.files,
@@ -86,6 +92,8 @@ class EvaluationReport:
         if self.cot_scores:
             lines.append("reasoning vs gold CoT:")
             lines += [f"  {k:<20} {v * 100:6.2f}" for k, v in self.cot_scores.items()]
+        if self.cot_scores_by_group:
+            lines += format_cot_groups(self.cot_scores_by_group)
         t = self.timings
         lines.append(
             "time: " + ", ".join(f"{k[:-2] if k.endswith('_s') else k} {v:.1f}s" for k, v in t.items())
@@ -403,9 +411,9 @@ def _finish(
         result = metrics.evaluate(split, scores)
     timings["scoring_s"] = time.perf_counter() - t0
 
-    cot_scores = None
+    cot_scores = cot_groups = None
     if split.dataset == "shapes" and mode == "full":
-        cot_scores = _shapes_cot_scores(split, cots)
+        cot_scores, cot_groups = _shapes_cot_scores(split, cots)
 
     files: list[str] = []
     if submission_dir is not None:
@@ -420,6 +428,7 @@ def _finish(
         n_gallery=len(split.gallery.ids),
         metrics=result,
         cot_scores=cot_scores,
+        cot_scores_by_group=cot_groups,
         timings={k: round(v, 3) for k, v in timings.items()},
         cache=cache_info,
         files=files,
@@ -481,14 +490,42 @@ def _scores_through_store(
     return scores
 
 
-def _shapes_cot_scores(split: CIRSplit, cots: Sequence[CoT | None]) -> dict[str, float] | None:
-    try:
-        from circot.data.shapes import gold_cot, score_cot
-    except ImportError:  # pragma: no cover - the shapes package provides both
-        logger.warning("circot.data.shapes has no score_cot/gold_cot; reasoning scores skipped")
-        return None
+def _shapes_cot_scores(
+    split: CIRSplit, cots: Sequence[CoT | None]
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The reasoning scores of the whole split, and per edit family and test-novel subset."""
+    from circot.data.shapes import gold_cot, score_cot, score_cot_by_group
+
     gold = [gold_cot(q) for q in split.queries]
-    return {k: float(v) for k, v in score_cot(cots, gold).items()}
+    return score_cot(cots, gold), score_cot_by_group(cots, gold, split.queries)
+
+
+# columns of the per-group reasoning table: (heading, score key)
+_GROUP_COLUMNS = (
+    ("caption", "caption_exact"),
+    ("reasoning", "reasoning_exact"),
+    ("conclusion", "conclusion_exact"),
+)
+
+
+def format_cot_groups(groups: dict[str, dict[str, float]]) -> list[str]:
+    """Lines of the per-group reasoning table: exact match (%) of each part, and the conclusion's when the
+    caption and the reasoning are right (with the count of such queries), so that a wrong conclusion is
+    told apart from one that inherits a wrong reading."""
+    from circot.data.shapes import conclusion_given_read_right
+
+    width = max(len(g) for g in groups)
+    head = "".join(f" {h:>10}" for h, _ in _GROUP_COLUMNS)
+    lines = [
+        "reasoning exact match per group (%):",
+        f"  {'group':<{width}} {'n':>5}{head}  conclusion | read right",
+    ]
+    for group, s in groups.items():
+        cells = "".join(f" {100 * s[k]:10.1f}" for _, k in _GROUP_COLUMNS)
+        given, n_read = conclusion_given_read_right(s)
+        value = "     —" if given is None else f"{100 * given:6.1f}"
+        lines.append(f"  {group:<{width}} {int(s['n']):>5}{cells}  {value} (n = {n_read})")
+    return lines
 
 
 def evaluate(

@@ -5,13 +5,20 @@ remove, move, swap, relational references, set-level and two-step edits) with pa
 duplicates, near misses and random scenes; a test-novel split with held-out colour–shape pairs, more objects
 and held-out two-step combinations; gold chains of thought and a scorer.
 
-Public API: :data:`SPLITS`, :func:`generate`, :func:`load`, :func:`gold_cot`, :func:`score_cot`,
+Public API: :data:`SPLITS`, :func:`generate`, :func:`load`, :func:`gold_cot`, :func:`score_cot`, :func:`score_cot_by_group`,
 :func:`corpus`, :func:`render_scene`.
 """
 
 from __future__ import annotations
 
-from circot.data.shapes.cot import canonical_description, corpus, gold_cot, score_cot
+from circot.data.shapes.cot import (
+    canonical_description,
+    conclusion_given_read_right,
+    corpus,
+    gold_cot,
+    score_cot,
+    score_cot_by_group,
+)
 from circot.data.shapes.generate import GENERATOR_VERSION, generate, generate_report
 from circot.data.shapes.loader import SPLITS, image_scenes, load, read_annotations
 from circot.data.shapes.render import render_scene
@@ -25,6 +32,7 @@ __all__ = [
     "SPLITS",
     "World",
     "canonical_description",
+    "conclusion_given_read_right",
     "corpus",
     "describe",
     "generate",
@@ -39,4 +47,5 @@ __all__ = [
     "scene_from_dict",
     "scene_to_dict",
     "score_cot",
+    "score_cot_by_group",
 ]

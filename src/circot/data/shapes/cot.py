@@ -62,14 +62,20 @@ def score_cot(
       position) of the generated caption counts when it equals a gold clause after normalisation.
     - conclusion_exact: the conclusion holds exactly the gold clauses (order, case, spacing, final punctuation
       ignored); conclusion_precision / _recall / _f1 as for the caption.
+    - reasoning_exact: the reasoning holds the gold clauses in the gold order (case, spacing and final
+      punctuation ignored).
+    - read_right: caption and reasoning both exact; all_exact: caption, reasoning and conclusion exact. Their
+      ratio is the conclusion's exact match when the model read the scene and the edit right, which tells a
+      conclusion that fails to carry out a right reading from one that inherits a wrong caption or reasoning.
     - well_formed: all three parts present, closed and in order (``CoT.well_formed``).
     Strings are parsed with :func:`circot.prompts.parse_cot`; dicts need caption/reasoning/conclusion; a
     generated None (no reasoning) scores as an empty, not well-formed CoT.
     """
     if len(generated) != len(gold):
         raise DataError(f"score_cot: {len(generated)} generated CoTs for {len(gold)} gold CoTs")
-    keys = ("caption_exact", "caption_precision", "caption_recall", "caption_f1", "conclusion_exact",
-            "conclusion_precision", "conclusion_recall", "conclusion_f1", "well_formed")  # fmt: skip
+    keys = ("caption_exact", "caption_precision", "caption_recall", "caption_f1", "reasoning_exact",
+            "conclusion_exact", "conclusion_precision", "conclusion_recall", "conclusion_f1", "read_right",
+            "all_exact", "well_formed")  # fmt: skip
     if not generated:
         return {k: 0.0 for k in keys}
     sums = dict.fromkeys(keys, 0.0)
@@ -79,18 +85,53 @@ def score_cot(
         sums["caption_precision"] += p
         sums["caption_recall"] += r
         sums["caption_f1"] += f
-        sums["caption_exact"] += float(
-            canonical_description(gen.caption) == canonical_description(ref.caption)
-        )
+        caption_ok = canonical_description(gen.caption) == canonical_description(ref.caption)
+        reasoning_ok = split_clauses(gen.reasoning) == split_clauses(ref.reasoning)
+        sums["caption_exact"] += float(caption_ok)
+        sums["reasoning_exact"] += float(reasoning_ok)
         p, r, f = _prf(split_clauses(gen.conclusion), split_clauses(ref.conclusion))
         sums["conclusion_precision"] += p
         sums["conclusion_recall"] += r
         sums["conclusion_f1"] += f
-        sums["conclusion_exact"] += float(
-            canonical_description(gen.conclusion) == canonical_description(ref.conclusion)
-        )
+        conclusion_ok = canonical_description(gen.conclusion) == canonical_description(ref.conclusion)
+        sums["conclusion_exact"] += float(conclusion_ok)
+        sums["read_right"] += float(caption_ok and reasoning_ok)
+        sums["all_exact"] += float(caption_ok and reasoning_ok and conclusion_ok)
         sums["well_formed"] += float(bool(gen.well_formed))
     return {k: v / len(generated) for k, v in sums.items()}
+
+
+GROUP_KEYS = ("family", "subset")  # the query extras that group scores, as circot.metrics groups R@1
+
+
+def score_cot_by_group(
+    generated: Sequence[CoT | Mapping[str, Any] | str | None],
+    gold: Sequence[CoT | Mapping[str, Any] | str],
+    queries: Sequence[CIRQuery],
+) -> dict[str, dict[str, float]]:
+    """:func:`score_cot` per edit family and per test-novel subset, keyed ``family=NAME`` / ``subset=NAME``
+    (the keys of R@1 per group in :func:`circot.metrics.evaluate`); each entry also holds ``n``, its count."""
+    if not len(generated) == len(gold) == len(queries):
+        raise DataError(
+            f"score_cot_by_group: {len(generated)} CoTs, {len(gold)} gold CoTs, {len(queries)} queries"
+        )
+    members: dict[str, list[int]] = {}
+    for i, q in enumerate(queries):
+        for key in GROUP_KEYS:
+            value = q.extras.get(key)
+            if value is not None:
+                members.setdefault(f"{key}={value}", []).append(i)
+    return {
+        group: {**score_cot([generated[i] for i in idx], [gold[i] for i in idx]), "n": float(len(idx))}
+        for group, idx in sorted(members.items())
+    }
+
+
+def conclusion_given_read_right(scores: Mapping[str, float]) -> tuple[float | None, int]:
+    """From a group's :func:`score_cot_by_group` entry: the conclusion's exact match among the queries whose
+    caption and reasoning are right (None when there are none), and their count."""
+    n_read = round(scores["read_right"] * scores["n"])
+    return (scores["all_exact"] / scores["read_right"] if n_read else None), n_read
 
 
 def _template_lines() -> Iterator[str]:
