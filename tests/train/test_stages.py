@@ -536,3 +536,61 @@ def test_grad_cache_chunks_give_the_plain_batch_gradient(tmp_path, world, freeze
     assert plain.keys() == chunked.keys() and len(plain) > 10
     for n in plain:
         torch.testing.assert_close(chunked[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----------------------------------------------------------------------------------------------- token noise
+def test_noisy_answer_inputs_touch_answer_words_only():
+    from circot.train.data import noisy_answer_inputs
+
+    ids = torch.arange(40).reshape(2, 20)
+    labels = ids.masked_fill(ids % 20 < 8, IGNORE_INDEX)  # the first 8 positions of a row: its prompt
+    protected = torch.tensor([9, 15, 29, 39])  # tags, <emb>
+    out = noisy_answer_inputs(ids, labels, 0.9, protected, torch.Generator().manual_seed(0))
+    answer = (labels != IGNORE_INDEX) & ~torch.isin(ids, protected)
+    assert torch.equal(out[~answer], ids[~answer])
+    assert int((out[answer] != ids[answer]).sum()) >= answer.sum() // 2
+    assert torch.isin(out[answer], ids[answer]).all()  # replacements are answer words of the batch
+    again = noisy_answer_inputs(ids, labels, 0.9, protected, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert torch.equal(noisy_answer_inputs(ids, labels, 0.0, protected, torch.Generator()), ids)
+
+
+def test_token_noise_changes_the_inputs_of_supervised_cot_rows_only(tmp_path, world):
+    stage = {"name": "cot", "mode": "full", "steps": 2, "lr": 1e-3, "steer_prob": 0.5, "freeze": FROZEN,
+             "token_noise": 0.3}  # fmt: skip
+    tr = _trainer(_cfg(tmp_path, world, [stage]))
+    built = []
+    real = tr.model.build_batch
+
+    def spy(images, texts=None, cots=None, mode="gallery", image_features=None):
+        b = real(images, texts, cots=cots, mode=mode, image_features=image_features)
+        built.append((mode, {k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}, b))
+        return b
+
+    tr.model.build_batch = spy
+    examples = [e for e in tr.examples if not e.identity][:8]
+    losses = tr._micro_step(
+        {"index": list(range(8)), "example": examples}, tr.cfg.stages[0], random.Random(3)
+    )
+    assert torch.isfinite(losses["total"])
+    changed = 0
+    for mode, clean, used in built:
+        if mode != "full":
+            assert torch.equal(used["input_ids"], clean["input_ids"])
+            continue
+        labels = used["labels"]
+        answer = labels != IGNORE_INDEX
+        # the labels are the clean tokens; prompt, image, tags and <emb> are never replaced
+        assert torch.equal(labels[answer], clean["input_ids"][answer])
+        moved = used["input_ids"] != clean["input_ids"]
+        assert not (moved & ~answer).any()
+        assert not torch.isin(clean["input_ids"][moved], tr._protected_ids).any()
+        assert not moved[(~answer).all(dim=1)].any()  # a steered row (no CE) reads its CoT as it is
+        changed += int(moved.sum())
+    assert changed > 0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_token_noise_is_checked(value):
+    with pytest.raises(ConfigError, match="token_noise"):
+        TrainConfig.from_dict({"stages": [{"name": "cot", "mode": "full", "token_noise": value}]})

@@ -138,7 +138,11 @@ class StageSection:
     dwell on the edits the model gets wrong. ``train_root``: the stage draws its rows (or, in a perception
     stage, its images) from the training split under this root instead of ``data.root`` (same dataset, split
     name and options; None = ``data.root``); validation and the tokenizer of a fresh model stay ``data.root``'s,
-    so that a later stage can train on a larger split of the same world.
+    so that a later stage can train on a larger split of the same world. ``token_noise``: in a full stage, the
+    share of the teacher-forced CoT's word tokens (not its tags, nor ``<emb>``) that the model reads as another
+    word of the batch's CoTs while it still predicts the right one: word dropout, so that the next word is
+    read off the image and the text rather than off the word before it (a colour–shape pair never seen in
+    training is otherwise written as a seen one).
     """
 
     name: str = "stage"
@@ -160,6 +164,7 @@ class StageSection:
     family_weights: dict[str, float] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)
     train_root: str | None = None
+    token_noise: float = 0.0
 
 
 @dataclass
@@ -237,6 +242,8 @@ class TrainConfig:
             ):
                 if not 0.0 <= getattr(st, name) <= 1.0:
                     raise ConfigError(f"{where}.{name} must be in [0, 1]")
+            if not 0.0 <= st.token_noise < 1.0:
+                raise ConfigError(f"{where}.token_noise must be in [0, 1), got {st.token_noise}")
         if self.optim.vision_cache_mb < 0:
             raise ConfigError("optim.vision_cache_mb must be >= 0")
         if self.optim.contrastive_chunk is not None and self.optim.contrastive_chunk < 1:

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from circot.data.records import CIRSplit
 from circot.errors import DataError
 from circot.prompts import CoT, format_cot
+from circot.train.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +183,29 @@ def build_examples(
     return examples
 
 
+def noisy_answer_inputs(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    p: float,
+    protected: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A copy of ``input_ids`` in which each supervised answer token (``labels`` not -100) that is not in
+    ``protected`` (tags, ``<emb>``, stop tokens) is, with probability ``p``, replaced by one of those tokens
+    drawn at random from the batch. ``labels`` are left as they are, so the model still predicts the right
+    token after a wrong one (word dropout on the teacher-forced CoT)."""
+    out = input_ids.clone()
+    candidates = (labels != IGNORE_INDEX) & ~torch.isin(input_ids, protected)
+    pool = input_ids[candidates]
+    if p <= 0 or pool.numel() == 0:
+        return out
+    hit = candidates & (torch.rand(input_ids.shape, generator=generator) < p)
+    n_hit = int(hit.sum())
+    if n_hit:
+        out[hit] = pool[torch.randint(pool.numel(), (n_hit,), generator=generator)]
+    return out
+
+
 class ExampleDataset:
     """Map-style dataset over examples (torch DataLoader compatible). Items hold the examples only: the
     model's image preprocessor reads (and, in training, caches) the images when a batch is built."""
@@ -265,4 +291,5 @@ __all__ = [
     "collate",
     "cots_for_split",
     "identity_example",
+    "noisy_answer_inputs",
 ]

@@ -48,6 +48,7 @@ from circot.train.data import (
     collate,
     cots_for_split,
     identity_example,
+    noisy_answer_inputs,
 )
 from circot.train.losses import IGNORE_INDEX, CoTCrossEntropy, InfoNCELoss
 
@@ -507,6 +508,13 @@ class Trainer:
         self.temperature = self.cfg.loss.temperature or float(self.model.config.temperature)
         self.info_nce = InfoNCELoss(self.temperature, symmetric=self.cfg.loss.symmetric, gather=True)
         self.cross_entropy = CoTCrossEntropy(token_id(self.model.tokenizer, TAGS["conclusion"][0]))
+        # tokens that token noise never replaces: the added tokens (tags, <emb>, the chat's specials), stop tokens
+        protected = {
+            *self.model.tokenizer.added_tokens_decoder,
+            self.model.emb_token_id,
+            *self.model.stop_token_ids,
+        }
+        self._protected_ids = torch.tensor(sorted(protected), dtype=torch.long)
         head = None
         if self.cfg.has_perception:
             from circot.train.perception import PerceptionHead
@@ -695,6 +703,11 @@ class Trainer:
             if "labels" in b and not supervised.issuperset(rows):
                 keep = torch.tensor([i in supervised for i in rows], dtype=torch.bool)
                 b["labels"] = b["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
+            if stage.token_noise:
+                noise = torch.Generator().manual_seed(rng.getrandbits(63))
+                b["input_ids"] = noisy_answer_inputs(
+                    b["input_ids"], b["labels"], stage.token_noise, self._protected_ids, noise
+                )
             built.append(b)
             order.extend(rows)
             n_full += 1
