@@ -5,8 +5,8 @@ remove, move, swap, relational references, set-level and two-step edits) with pa
 duplicates, near misses and random scenes; a test-novel split with held-out colour–shape pairs, more objects
 and held-out two-step combinations; gold chains of thought and a scorer.
 
-Public API: :data:`SPLITS`, :func:`generate`, :func:`load`, :func:`gold_cot`, :func:`score_cot`, :func:`score_cot_by_group`,
-:func:`corpus`, :func:`render_scene`.
+Public API: :data:`SPLITS`, :func:`generate`, :func:`load`, :func:`gold_cot`, :func:`score_cot`,
+:func:`score_cot_by_group`, :func:`corpus`, :func:`render_scene`.
 """
 
 from __future__ import annotations
