@@ -321,11 +321,11 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         c = rows.get("c", {}).get(split)
         groups = (c or {}).get("cot_per_group") or {}
-        if groups:
-            cells = [
-                _fmt(100 * groups[f"family={f}"]["conclusion_exact"]) if f"family={f}" in groups else "—"
-                for f in fams
-            ] + ["" for _ in subsets]
+        # conclusion EM per family; a table JSON written before cot_per_group (--merge) keeps its own key
+        em = {g.split("=", 1)[1]: v["conclusion_exact"] for g, v in groups.items() if g.startswith("family=")}
+        em = em or (c or {}).get("conclusion_exact_per_family") or {}
+        if em:
+            cells = [_fmt(100 * em[f]) if f in em else "—" for f in fams] + ["" for _ in subsets]
             lines.append("| (c) conclusion EM | " + " | ".join(cells) + " |")
         w, k = rows.get("c", {}).get("fast_weight"), rows.get("c", {}).get("cot_samples")
         if w or k:
