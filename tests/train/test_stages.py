@@ -555,6 +555,23 @@ def test_noisy_answer_inputs_touch_answer_words_only():
     assert torch.equal(noisy_answer_inputs(ids, labels, 0.0, protected, torch.Generator()), ids)
 
 
+def test_noisy_answer_inputs_with_words_replace_those_words_by_others_of_them():
+    from circot.train.data import noisy_answer_inputs
+
+    words = torch.tensor([3, 5, 7])
+    ids = torch.tensor([[1, 3, 2, 5, 4, 7, 3, 9], [3, 5, 7, 3, 5, 7, 2, 2]])
+    labels = ids.clone()
+    labels[0, :2] = IGNORE_INDEX  # a prompt word among the words is never replaced
+    out = noisy_answer_inputs(ids, labels, 0.99, torch.tensor([9]), torch.Generator().manual_seed(1), words)
+    candidates = (labels != IGNORE_INDEX) & torch.isin(ids, words)
+    moved = out != ids
+    assert not (moved & ~candidates).any()  # other words, prompt words and protected tokens stay
+    assert int(moved.sum()) >= candidates.sum() - 1
+    assert torch.isin(out[moved], words).all()  # a word becomes another of the words, never itself
+    seen = {(int(a), int(b)) for a, b in zip(ids[moved], out[moved], strict=True)}
+    assert len({b for _, b in seen}) > 1
+
+
 def test_token_noise_changes_the_inputs_of_supervised_cot_rows_only(tmp_path, world):
     stage = {"name": "cot", "mode": "full", "steps": 2, "lr": 1e-3, "steer_prob": 0.5, "freeze": FROZEN,
              "token_noise": 0.3}  # fmt: skip
@@ -588,6 +605,54 @@ def test_token_noise_changes_the_inputs_of_supervised_cot_rows_only(tmp_path, wo
         assert not moved[(~answer).all(dim=1)].any()  # a steered row (no CE) reads its CoT as it is
         changed += int(moved.sum())
     assert changed > 0
+
+
+def test_token_noise_words_move_only_those_words(tmp_path, world):
+    colors = ["red", "orange", "yellow", "green", "blue", "purple"]
+    stage = {"name": "cot", "mode": "full", "steps": 2, "lr": 1e-3, "freeze": FROZEN,
+             "token_noise": 0.5, "token_noise_words": colors}  # fmt: skip
+    tr = _trainer(_cfg(tmp_path, world, [stage]))
+    color_ids = tr._noise_words[tuple(colors)]
+    assert tr.model.tokenizer.decode(color_ids.tolist()).split() == colors
+    built = []
+    real = tr.model.build_batch
+
+    def spy(images, texts=None, cots=None, mode="gallery", image_features=None):
+        b = real(images, texts, cots=cots, mode=mode, image_features=image_features)
+        built.append((mode, b["input_ids"].clone(), b))
+        return b
+
+    tr.model.build_batch = spy
+    examples = [e for e in tr.examples if not e.identity][:8]
+    tr._micro_step({"index": list(range(8)), "example": examples}, tr.cfg.stages[0], random.Random(5))
+    moved_to = []
+    for mode, clean, used in built:
+        moved = used["input_ids"] != clean
+        if mode == "full":
+            assert (
+                torch.isin(clean[moved], color_ids).all()
+                and torch.isin(used["input_ids"][moved], color_ids).all()
+            )
+            moved_to.extend(used["input_ids"][moved].tolist())
+        else:
+            assert not moved.any()
+    assert moved_to
+
+
+def test_token_noise_words_must_be_single_tokens(tmp_path, world):
+    stage = {"name": "cot", "mode": "full", "steps": 1, "lr": 1e-3, "freeze": FROZEN,
+             "token_noise": 0.2, "token_noise_words": ["red", "zebrafish"]}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"stages\.0 \(cot\)\.token_noise_words: 'zebrafish' is \d+ tokens"):
+        _trainer(_cfg(tmp_path, world, [stage]))
+
+
+@pytest.mark.parametrize(
+    "extra", [{"token_noise": 0.0}, {"token_noise": 0.2, "token_noise_words": ["red", "red"]}]
+)
+def test_token_noise_words_need_noise_and_two_words(extra):
+    stage = {"name": "cot", "mode": "full", "token_noise_words": ["red", "blue"], **extra}
+    with pytest.raises(ConfigError, match="token_noise_words"):
+        TrainConfig.from_dict({"stages": [stage]})
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0])

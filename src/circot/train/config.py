@@ -142,7 +142,10 @@ class StageSection:
     share of the teacher-forced CoT's word tokens (not its tags, nor ``<emb>``) that the model reads as another
     word of the batch's CoTs while it still predicts the right one: word dropout, so that the next word is
     read off the image and the text rather than off the word before it (a colour–shape pair never seen in
-    training is otherwise written as a seen one).
+    training is otherwise written as a seen one). ``token_noise_words``: when set, token noise replaces only
+    these words (each one token of the model's tokenizer, after a space), each by another of them: noise on
+    the colour words alone breaks the colour-to-shape bigram and leaves the rest of the CoT, which the
+    conclusion copies, as written.
     """
 
     name: str = "stage"
@@ -165,6 +168,7 @@ class StageSection:
     freeze: list[str] = field(default_factory=list)
     train_root: str | None = None
     token_noise: float = 0.0
+    token_noise_words: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -244,6 +248,10 @@ class TrainConfig:
                     raise ConfigError(f"{where}.{name} must be in [0, 1]")
             if not 0.0 <= st.token_noise < 1.0:
                 raise ConfigError(f"{where}.token_noise must be in [0, 1), got {st.token_noise}")
+            if st.token_noise_words and (st.token_noise == 0 or len(set(st.token_noise_words)) < 2):
+                raise ConfigError(
+                    f"{where}.token_noise_words needs token_noise > 0 and at least two different words"
+                )
         if self.optim.vision_cache_mb < 0:
             raise ConfigError("optim.vision_cache_mb must be >= 0")
         if self.optim.contrastive_chunk is not None and self.optim.contrastive_chunk < 1:

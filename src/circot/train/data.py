@@ -189,19 +189,34 @@ def noisy_answer_inputs(
     p: float,
     protected: torch.Tensor,
     generator: torch.Generator,
+    words: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A copy of ``input_ids`` in which each supervised answer token (``labels`` not -100) that is not in
     ``protected`` (tags, ``<emb>``, stop tokens) is, with probability ``p``, replaced by one of those tokens
     drawn at random from the batch. ``labels`` are left as they are, so the model still predicts the right
-    token after a wrong one (word dropout on the teacher-forced CoT)."""
+    token after a wrong one (word dropout on the teacher-forced CoT).
+
+    With ``words`` (token ids, at least two), only the answer tokens among ``words`` are candidates, and each
+    one hit is replaced by another of ``words`` drawn uniformly: the model then reads, say, a wrong colour while
+    it predicts the shape that follows it, and every other word of the CoT stays as written."""
     out = input_ids.clone()
-    candidates = (labels != IGNORE_INDEX) & ~torch.isin(input_ids, protected)
-    pool = input_ids[candidates]
-    if p <= 0 or pool.numel() == 0:
+    supervised = labels != IGNORE_INDEX
+    if words is not None:
+        candidates = supervised & torch.isin(input_ids, words)
+    else:
+        candidates = supervised & ~torch.isin(input_ids, protected)
+    if p <= 0 or not candidates.any():
         return out
     hit = candidates & (torch.rand(input_ids.shape, generator=generator) < p)
     n_hit = int(hit.sum())
-    if n_hit:
+    if not n_hit:
+        return out
+    if words is not None:
+        at = (input_ids[hit][:, None] == words[None, :]).int().argmax(dim=1)
+        shift = torch.randint(1, words.numel(), (n_hit,), generator=generator)
+        out[hit] = words[(at + shift) % words.numel()]
+    else:
+        pool = input_ids[candidates]
         out[hit] = pool[torch.randint(pool.numel(), (n_hit,), generator=generator)]
     return out
 

@@ -515,6 +515,13 @@ class Trainer:
             *self.model.stop_token_ids,
         }
         self._protected_ids = torch.tensor(sorted(protected), dtype=torch.long)
+        self._noise_words = {
+            tuple(st.token_noise_words): self._single_token_ids(
+                st.token_noise_words, f"stages.{i} ({st.name})"
+            )
+            for i, st in enumerate(self.cfg.stages)
+            if st.token_noise_words
+        }
         head = None
         if self.cfg.has_perception:
             from circot.train.perception import PerceptionHead
@@ -706,7 +713,12 @@ class Trainer:
             if stage.token_noise:
                 noise = torch.Generator().manual_seed(rng.getrandbits(63))
                 b["input_ids"] = noisy_answer_inputs(
-                    b["input_ids"], b["labels"], stage.token_noise, self._protected_ids, noise
+                    b["input_ids"],
+                    b["labels"],
+                    stage.token_noise,
+                    self._protected_ids,
+                    noise,
+                    words=self._noise_words.get(tuple(stage.token_noise_words)),
                 )
             built.append(b)
             order.extend(rows)
@@ -995,6 +1007,19 @@ class Trainer:
     def _wall(self) -> float:
         """Training wall time so far, over every invocation of this run."""
         return round(self._wall_before + time.time() - self._t_start, 1)
+
+    def _single_token_ids(self, words: list[str], where: str) -> torch.Tensor:
+        """The token ids of ``words`` as they follow a space in running text; each must be one token."""
+        ids = []
+        for word in dict.fromkeys(words):
+            tokens = self.model.tokenizer.encode(" " + word, add_special_tokens=False)
+            if len(tokens) != 1:
+                raise ConfigError(
+                    f"{where}.token_noise_words: {word!r} is {len(tokens)} tokens of this model's tokenizer,"
+                    " not one"
+                )
+            ids.append(tokens[0])
+        return torch.tensor(ids, dtype=torch.long)
 
     def _enter_stage(self, stage_idx: int, fresh: bool) -> None:
         st = self.cfg.stages[stage_idx]
