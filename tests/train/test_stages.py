@@ -116,6 +116,32 @@ def test_perception_data_is_a_function_of_seed_and_step(world):
     assert a == b and torch.equal(la, lb) and a != c
 
 
+def test_random_grayscale_greys_a_share_of_the_images_and_drops_their_colour_labels(world):
+    import numpy as np
+    from PIL import Image
+
+    from circot.train.perception import random_grayscale
+
+    data = load_perception_data(world, "train").head(16)
+    images, labels = random_grayscale(data.paths, data.labels, 0.5, torch.Generator().manual_seed(0))
+    grey = [i for i, im in enumerate(images) if isinstance(im, Image.Image)]
+    assert 0 < len(grey) < 16 and all(images[i] == data.paths[i] for i in range(16) if i not in grey)
+    for i in grey:
+        rgb = np.asarray(images[i])
+        assert rgb.shape == np.asarray(Image.open(data.paths[i])).shape[:2] + (3,)
+        assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() and rgb.std() > 0
+    kept = [i for i in range(16) if i not in grey]
+    assert (labels[grey][..., 1] == -100).all()
+    assert torch.equal(labels[grey][..., [0, 2, 3]], data.labels[grey][..., [0, 2, 3]])
+    assert torch.equal(labels[kept], data.labels[kept])
+    # the channel weights differ between images: one colour is not always the same grey
+    means = {round(float(np.asarray(images[i], dtype=np.float32).mean()), 3) for i in grey}
+    assert len(means) > 1
+    again, _ = random_grayscale(data.paths, data.labels, 0.5, torch.Generator().manual_seed(0))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again, strict=True))
+    assert random_grayscale(data.paths, data.labels, 0.0, torch.Generator())[1] is data.labels
+
+
 # ----------------------------------------------------------------------------------------------- the stage
 def test_perception_stage_trains_the_vision_tower_only(tmp_path, world):
     cfg = _cfg(tmp_path, world, [{"name": "see", "mode": "perception", "steps": 3, "lr": 3e-3}])
@@ -123,7 +149,7 @@ def test_perception_stage_trains_the_vision_tower_only(tmp_path, world):
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     head_before = {k: v.clone() for k, v in tr.forward.head.state_dict().items()}
     for step in range(3):
-        losses = tr._perception_step(step)
+        losses = tr._perception_step(step, cfg.stages[0])
         tr.accelerator.backward(losses["total"])
         tr.optimizer.step()
         tr.optimizer.zero_grad(set_to_none=True)
@@ -644,6 +670,30 @@ def test_token_noise_words_must_be_single_tokens(tmp_path, world):
              "token_noise": 0.2, "token_noise_words": ["red", "zebrafish"]}  # fmt: skip
     with pytest.raises(ConfigError, match=r"stages\.0 \(cot\)\.token_noise_words: 'zebrafish' is \d+ tokens"):
         _trainer(_cfg(tmp_path, world, [stage]))
+
+
+def test_a_grayscale_perception_step_sees_grey_images(tmp_path, world):
+    stage = {"name": "see", "mode": "perception", "steps": 1, "lr": 1e-3, "grayscale_prob": 1.0}
+    cfg = _cfg(tmp_path, world, [stage])
+    tr = _trainer(cfg)
+    seen = []
+    real = tr.model.image_features
+
+    def spy(images):
+        seen.extend(images)
+        return real(images)
+
+    tr.model.image_features = spy
+    assert torch.isfinite(tr._perception_step(0, cfg.stages[0])["total"])
+    assert seen and all(len(set(im.getpixel((40, 40)))) == 1 for im in seen)
+
+
+@pytest.mark.parametrize(
+    "stage", [{"mode": "full", "grayscale_prob": 0.5}, {"mode": "perception", "grayscale_prob": 1.5}]
+)
+def test_grayscale_prob_is_checked(stage):
+    with pytest.raises(ConfigError, match="grayscale_prob"):
+        TrainConfig.from_dict({"stages": [{"name": "s", **stage}]})
 
 
 @pytest.mark.parametrize(

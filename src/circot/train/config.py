@@ -145,7 +145,10 @@ class StageSection:
     training is otherwise written as a seen one). ``token_noise_words``: when set, token noise replaces only
     these words (each one token of the model's tokenizer, after a space), each by another of them: noise on
     the colour words alone breaks the colour-to-shape bigram and leaves the rest of the CoT, which the
-    conclusion copies, as written.
+    conclusion copies, as written. ``grayscale_prob`` (perception stages): the share of each batch's images that
+    the tower sees in grey, each mixed from its red, green and blue channels with random weights, their colour
+    labels ignored: shape must then be read without hue or a fixed brightness, so that a colour–shape pair
+    never seen in training is not read as a seen one (no held-out pair is ever shown).
     """
 
     name: str = "stage"
@@ -169,6 +172,7 @@ class StageSection:
     train_root: str | None = None
     token_noise: float = 0.0
     token_noise_words: list[str] = field(default_factory=list)
+    grayscale_prob: float = 0.0
 
 
 @dataclass
@@ -248,6 +252,8 @@ class TrainConfig:
                     raise ConfigError(f"{where}.{name} must be in [0, 1]")
             if not 0.0 <= st.token_noise < 1.0:
                 raise ConfigError(f"{where}.token_noise must be in [0, 1), got {st.token_noise}")
+            if not 0.0 <= st.grayscale_prob <= 1.0 or (st.grayscale_prob and st.mode != "perception"):
+                raise ConfigError(f"{where}.grayscale_prob must be in [0, 1], and only in a perception stage")
             if st.token_noise_words and (st.token_noise == 0 or len(set(st.token_noise_words)) < 2):
                 raise ConfigError(
                     f"{where}.token_noise_words needs token_noise > 0 and at least two different words"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,11 +76,15 @@ class PerceptionHead(nn.Module):
 
 
 def perception_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Sum over attributes of the mean cross-entropy over the cells that have that attribute."""
+    """Sum over attributes of the mean cross-entropy over the cells that have that attribute (an attribute no
+    cell of the batch has, e.g. colour when every image is grey, adds nothing)."""
     total = torch.zeros((), device=labels.device)
     for j, name in enumerate(ATTRIBUTES):
+        gold = labels[..., j].reshape(-1)
+        if not bool((gold != IGNORE).any()):
+            continue
         lg = logits[name].float().reshape(-1, logits[name].shape[-1])
-        total = total + F.cross_entropy(lg, labels[..., j].reshape(-1), ignore_index=IGNORE)
+        total = total + F.cross_entropy(lg, gold, ignore_index=IGNORE)
     return total
 
 
@@ -98,6 +103,32 @@ def perception_accuracy(logits: dict[str, torch.Tensor], labels: torch.Tensor) -
         out[name] = 100.0 * float(((pred == gold) & valid).sum()) / max(1, int(valid.sum()))
     out["scene"] = 100.0 * float(all_right.float().mean())
     return out
+
+
+def random_grayscale(
+    paths: list[Path], labels: torch.Tensor, p: float, generator: torch.Generator
+) -> tuple[list[Any], torch.Tensor]:
+    """A share ``p`` of the images as grey images, each the mix of its red, green and blue channels with weights
+    drawn uniformly from the simplex (so that no colour keeps a fixed brightness), and their colour labels
+    ignored; the other images stay paths, their labels as they were."""
+    from PIL import Image
+
+    from circot.processing import load_image
+
+    hit = (torch.rand(len(paths), generator=generator) < p).tolist()
+    if not any(hit):
+        return list(paths), labels
+    labels = labels.clone()
+    images: list[Any] = list(paths)
+    for i, grey in enumerate(hit):
+        if not grey:
+            continue
+        w = -torch.log(torch.rand(3, generator=generator).clamp_min(1e-12))  # Dirichlet(1, 1, 1)
+        rgb = np.asarray(load_image(paths[i], i), dtype=np.float32)
+        mixed = (rgb @ (w / w.sum()).numpy()).clip(0, 255).astype(np.uint8)
+        images[i] = Image.fromarray(np.repeat(mixed[..., None], 3, axis=-1))
+        labels[i, :, 1] = IGNORE
+    return images, labels
 
 
 @dataclass
@@ -159,5 +190,6 @@ __all__ = [
     "load_perception_data",
     "perception_accuracy",
     "perception_loss",
+    "random_grayscale",
     "scene_labels",
 ]

@@ -624,12 +624,16 @@ class Trainer:
         picked = [found[str(p)] for p in paths]
         return torch.cat([f for f, _ in picked]), torch.tensor([g for _, g in picked])
 
-    def _perception_step(self, step: int) -> dict[str, torch.Tensor]:
-        from circot.train.perception import perception_loss
+    def _perception_step(self, step: int, stage: StageSection) -> dict[str, torch.Tensor]:
+        from circot.train.perception import perception_loss, random_grayscale
 
         paths, labels = self.perception_train.batch(step, self.cfg.optim.batch_size, self.cfg.seed)
+        images: list[Any] = list(paths)
+        if stage.grayscale_prob:
+            grey = torch.Generator().manual_seed(self.cfg.seed * 7_000_003 + step)
+            images, labels = random_grayscale(paths, labels, stage.grayscale_prob, grey)
         with self.accelerator.autocast():
-            logits = self.forward(perceive=paths)
+            logits = self.forward(perceive=images)
         loss = perception_loss(logits, labels.to(self.accelerator.device))
         return {"perception": loss, "total": loss}
 
@@ -950,7 +954,7 @@ class Trainer:
                 ctx = self.accelerator.no_sync(self.forward) if micro < accum - 1 else _null()
                 with ctx:
                     if stage.mode == "perception":
-                        losses = self._perception_step(step * accum + micro)
+                        losses = self._perception_step(step * accum + micro, stage)
                     else:
                         losses = self._micro_step(batch, stage, rng, scale=1.0 / accum)
                     if losses.pop("backward_done", None) is None:
