@@ -1,7 +1,7 @@
 """Where a held-out colour–shape pair is lost: in the vision tower's features, or in the language model.
 
     python benchmarks/pair_probe.py --world data/shapes --model src/circot/assets/shapes-tiny \
-        --json benchmarks/results/pair_probe.json
+        --json benchmarks/results/pair_probe_shipped_s0.json
 
 Two measurements on the shapes world's test-novel split, whose scenes hold the world's held-out colour–shape pairs
 (no training image shows one):
@@ -115,6 +115,7 @@ def lm_shape_after_color(
     neutral = one[free[0]][0] if free else None
     split = load_split("shapes", str(world), SPLIT)
     queries = [q for q in split.queries if q.extras.get("gold_cot")]
+    color_ids, shape_ids = torch.tensor(list(color_of)), torch.tensor(list(shape_of))
     counts = {k: {"n": 0, "right": 0, "n_replaced": 0, "right_replaced": 0} for k in ("held_out", "seen")}
     with torch.inference_mode():
         for start in range(0, len(queries), batch_size):
@@ -124,12 +125,11 @@ def lm_shape_after_color(
                 mode="full",
             )  # fmt: skip
             ids, labels = batch["input_ids"], batch["labels"]
-            follows = torch.zeros_like(
-                ids, dtype=torch.bool
-            )  # a colour word with a supervised shape after it
+            # a colour word with a supervised shape after it
+            follows = torch.zeros_like(ids, dtype=torch.bool)
             follows[:, :-1] = (
-                torch.isin(ids[:, :-1], torch.tensor(list(color_of)))
-                & torch.isin(ids[:, 1:], torch.tensor(list(shape_of)))
+                torch.isin(ids[:, :-1], color_ids)
+                & torch.isin(ids[:, 1:], shape_ids)
                 & (labels[:, 1:] != IGNORE)
             )
             replaced = ids.clone()
@@ -180,9 +180,12 @@ def main() -> None:
     from circot.index import atomic_write_bytes
     from circot.model import CIRCoT
 
+    split_file = args.world / f"{SPLIT}.json"
+    try:
+        held = {(c, s) for c, s in json.loads(split_file.read_text())["world"]["held_out_pairs"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        sys.exit(f"{split_file}: not a shapes world's {SPLIT} split with world.held_out_pairs ({exc})")
     model = CIRCoT.from_pretrained(args.model).eval()
-    world_info = json.loads((args.world / f"{SPLIT}.json").read_text())["world"]
-    held = {(c, s) for c, s in world_info["held_out_pairs"]}
     train = load_perception_data(args.world, "train", limit=args.train_images)
     test = load_perception_data(args.world, SPLIT)
     f_train, f_test = tower_features(model, train.paths), tower_features(model, test.paths)

@@ -628,7 +628,7 @@ class Trainer:
         from circot.train.perception import perception_loss, random_grayscale
 
         paths, labels = self.perception_train.batch(step, self.cfg.optim.batch_size, self.cfg.seed)
-        images: list[Any] = list(paths)
+        images: list[Any] = paths
         if stage.grayscale_prob:
             grey = torch.Generator().manual_seed(self.cfg.seed * 7_000_003 + step)
             images, labels = random_grayscale(paths, labels, stage.grayscale_prob, grey)
