@@ -14,6 +14,9 @@ Two measurements on the shapes world's test-novel split, whose scenes hold the w
 2. The language model, teacher-forced on the gold CoT of test-novel's queries: how often its next token after a
    colour word is the right shape, for held-out and seen pairs; and again with each such colour word replaced by a
    colour that has no held-out pair (so that the word before the shape no longer rules the shape out).
+3. The model's own captions (``--captions N``): greedy full mode on N test-novel images that hold a held-out pair
+   and N that hold none, each asked to keep the scene as it is (the training's identity rows). Scored per object
+   (its clause in the caption, and the shape the caption gives its cell) and per image (every clause right).
 
 Seeded and deterministic for a given model, world and machine.
 """
@@ -39,6 +42,10 @@ from circot.train.perception import (
 )
 
 SPLIT = "test-novel"
+
+
+def _pct(right: int, n: int) -> float | None:
+    return round(100.0 * right / n, 2) if n else None
 
 
 class LinearProbe(nn.Module):
@@ -150,13 +157,55 @@ def lm_shape_after_color(
     for kind, c in counts.items():
         out[kind] = {
             "shape_words": c["n"],
-            "right_after_its_colour": round(100.0 * c["right"] / c["n"], 2) if c["n"] else None,
+            "right_after_its_colour": _pct(c["right"], c["n"]),
             "replaced": c["n_replaced"],
-            "right_after_neutral_colour": (
-                round(100.0 * c["right_replaced"] / c["n_replaced"], 2) if c["n_replaced"] else None
-            ),
+            "right_after_neutral_colour": _pct(c["right_replaced"], c["n_replaced"]),
         }
     out["neutral_colour"] = {"word": free[0] if free else None}  # type: ignore[dict-item]
+    return out
+
+
+def own_captions(
+    model: Any, world: Path, held: set[tuple[str, str]], n: int, batch_size: int
+) -> dict[str, Any]:
+    """Greedy captions of ``n`` test-novel images with a held-out pair and ``n`` without, scored against their
+    scene graphs."""
+    from circot.data import load_split
+    from circot.data.shapes.loader import image_scenes
+    from circot.data.shapes.scene import pairs, parse_clause, scene_from_dict, split_clauses
+    from circot.train.data import IDENTITY_TEXT
+
+    split = load_split("shapes", str(world), SPLIT)
+    scenes = {i: scene_from_dict(s) for i, s in sorted(image_scenes(world, SPLIT).items())}
+    chosen = {
+        "with_held_out": [i for i, sc in scenes.items() if pairs(sc) & held][:n],
+        "without": [i for i, sc in scenes.items() if not pairs(sc) & held][:n],
+    }
+    out: dict[str, Any] = {}
+    for kind, ids in chosen.items():
+        cots = model.generate_reasoning(
+            [split.image_path(i) for i in ids], [IDENTITY_TEXT] * len(ids), batch_size=batch_size
+        )
+        exact = 0
+        objs = {k: {"objects": 0, "clause": 0, "shape": 0} for k in ("held_out", "seen")}
+        for i, cot in zip(ids, cots, strict=True):
+            clauses = split_clauses(cot.caption or "")
+            read = {o.cell: o for o in map(parse_clause, clauses) if o is not None}
+            gold = scenes[i]
+            exact += sorted(clauses) == sorted(o.a() for o in gold)
+            for o in gold:
+                c = objs["held_out" if o.pair in held else "seen"]
+                c["objects"] += 1
+                c["clause"] += o.a() in clauses
+                c["shape"] += o.cell in read and read[o.cell].shape == o.shape
+        out[kind] = {"images": len(ids), "caption_exact": _pct(exact, len(ids))}
+        for k, c in objs.items():
+            if c["objects"]:
+                out[kind][k] = {
+                    "objects": c["objects"],
+                    "clause_right": _pct(c["clause"], c["objects"]),
+                    "shape_right": _pct(c["shape"], c["objects"]),
+                }
     return out
 
 
@@ -168,8 +217,15 @@ def main() -> None:
     )
     ap.add_argument("--train-images", type=int, default=8000, help="training images the probes learn from")
     ap.add_argument("--steps", type=int, default=3000, help="probe training steps (batch 64, AdamW 1e-3)")
+    ap.add_argument("--skip-tower", action="store_true", help="no probes of the vision tower")
     ap.add_argument(
-        "--skip-lm", action="store_true", help="probe the tower only (a model from a perception stage)"
+        "--skip-lm", action="store_true", help="no teacher-forced LM test (a model from a perception stage)"
+    )
+    ap.add_argument(
+        "--captions",
+        type=int,
+        default=0,
+        help="also caption N test-novel images with and N without a held-out pair",
     )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -186,32 +242,40 @@ def main() -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         sys.exit(f"{split_file}: not a shapes world's {SPLIT} split with world.held_out_pairs ({exc})")
     model = CIRCoT.from_pretrained(args.model).eval()
-    train = load_perception_data(args.world, "train", limit=args.train_images)
-    test = load_perception_data(args.world, SPLIT)
-    f_train, f_test = tower_features(model, train.paths), tower_features(model, test.paths)
-    held_cells = held_out_mask(test.labels, held)
     report: dict[str, Any] = {
         "model": args.model or "shapes-tiny (shipped)",
         "fingerprint": model.fingerprint,
         "world": str(args.world),
         "held_out_pairs": sorted(held),
-        "probe_training": {"images": len(train.paths), "steps": args.steps, "batch": 64, "seed": args.seed},
-        "probes": {},
     }
-    n_tokens, hidden = f_train.shape[1:]
-    cells = train.labels.shape[1]
-    for name, make in (
-        ("linear", lambda: LinearProbe(n_tokens, hidden, cells)),
-        ("head", lambda: PerceptionHead(hidden, cells)),
-    ):
-        torch.manual_seed(args.seed)
-        probe = make()
-        train_probe(probe, f_train, train.labels, args.steps, args.seed)
-        report["probes"][name] = probe_accuracy(probe, f_test, test.labels, held_cells)
+    if not args.skip_tower:
+        train = load_perception_data(args.world, "train", limit=args.train_images)
+        test = load_perception_data(args.world, SPLIT)
+        f_train, f_test = tower_features(model, train.paths), tower_features(model, test.paths)
+        held_cells = held_out_mask(test.labels, held)
+        report["probe_training"] = {
+            "images": len(train.paths),
+            "steps": args.steps,
+            "batch": 64,
+            "seed": args.seed,
+        }
+        report["probes"] = {}
+        n_tokens, hidden = f_train.shape[1:]
+        cells = train.labels.shape[1]
+        for name, make in (
+            ("linear", lambda: LinearProbe(n_tokens, hidden, cells)),
+            ("head", lambda: PerceptionHead(hidden, cells)),
+        ):
+            torch.manual_seed(args.seed)
+            probe = make()
+            train_probe(probe, f_train, train.labels, args.steps, args.seed)
+            report["probes"][name] = probe_accuracy(probe, f_test, test.labels, held_cells)
     if not args.skip_lm:
         report["language_model"] = lm_shape_after_color(model, args.world, held, args.batch_size)
+    if args.captions:
+        report["captions"] = own_captions(model, args.world, held, args.captions, args.batch_size)
     lines = [f"pair probe of {report['model']} [{report['fingerprint']}] on {args.world}/{SPLIT}"]
-    for name, acc in report["probes"].items():
+    for name, acc in report.get("probes", {}).items():
         for kind, a in acc.items():
             lines.append(
                 f"  {name:6s} probe, {kind:8s} objects {a['objects']:6d}: colour {a['color']}  shape {a['shape']}"
@@ -223,6 +287,13 @@ def main() -> None:
                 f", after '{report['language_model']['neutral_colour']['word']}' instead"
                 f" {a['right_after_neutral_colour']} (of {a['replaced']})"
             )
+    for kind, a in report.get("captions", {}).items():
+        objects = "  ".join(
+            f"{k} objects {a[k]['objects']}: clause {a[k]['clause_right']} shape {a[k]['shape_right']}"
+            for k in ("held_out", "seen")
+            if k in a
+        )
+        lines.append(f"  captions, {kind:13s} images {a['images']:4d}: exact {a['caption_exact']}  {objects}")
     print("\n".join(lines))
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
