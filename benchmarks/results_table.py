@@ -186,6 +186,7 @@ def evaluate_mllm(
     comes after c)."""
     from circot.data import shapes
     from circot.metrics import evaluate
+    from circot.search import matrix_best_match, shown_cots
 
     paths = [split.gallery.path(i) for i in split.gallery.ids]
     t0 = time.perf_counter()
@@ -202,6 +203,8 @@ def evaluate_mllm(
             emb, cots = model.encode_queries(
                 refs, texts, mode="full", batch_size=batch_size, return_reasoning=True, show_progress_bar=True
             )
+            # the CoT the product shows (the greedy one, or by the config's cot_choice one of its samples)
+            cots = shown_cots(model, cots, matrix_best_match(gallery))
             res["cot"] = shapes.score_cot(cots, gold)
             res["examples"] = [
                 {"query_id": q.query_id, "text": q.text, "generated": c.to_dict(), "gold": g.to_dict()}
@@ -252,13 +255,13 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 
 def _anatomy(split: str, groups: dict[str, dict[str, float]]) -> list[str]:
-    """Where (c)'s greedy CoT goes wrong: exact match of each part per edit family and subset, and the
+    """Where (c)'s shown CoT goes wrong: exact match of each part per edit family and subset, and the
     conclusion's when the caption and the reasoning are both right."""
     from circot.data.shapes import conclusion_given_read_right
 
     lines = [
         "",
-        f"Where the reasoning of (c) goes wrong ({split}, exact match of each part of the greedy CoT, %):",
+        f"Where the reasoning of (c) goes wrong ({split}, exact match of each part of the shown CoT, %):",
         "",
         "| group | n | caption | reasoning | conclusion | conclusion when caption and reasoning are right (n) |",
         "|---|---|---|---|---|---|",
@@ -334,12 +337,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                 cot = (
                     f"the mean of the `<emb>` embeddings of its greedy CoT and of k = {k} CoTs sampled at temperature "
                     f"{rows['c'].get('sampling_temperature')} (the model's cot_samples, chosen on val; the CoT scored "
-                    "and shown is the greedy one)"
+                    + (
+                        "and shown is the one of these whose own embedding best matches a gallery image, the "
+                        "model's cot_choice)"
+                        if rows["c"].get("cot_choice") == "gallery"
+                        else "and shown is the greedy one)"
+                    )
                 )
             lines += [
                 "",
                 f"Row (c) embeds each query as the model does by default: (1 − w) × {cot} + w × its fast-mode "
-                f"embedding, w = {w} (the model's fast_weight, chosen on val); (c°) embeds the same greedy CoTs at "
+                f"embedding, w = {w} (the model's fast_weight, chosen on val); (c°) embeds the same shown CoTs at "
                 "`<emb>` alone (w = 0, no samples: the paper's rule). (c*) uses w as (c) does.",
             ]
         for key in ("c", "c_cot"):
@@ -475,6 +483,7 @@ def main() -> None:
                 "fast_weight": cfg.fast_weight,
                 "cot_samples": cfg.cot_samples,
                 "sampling_temperature": cfg.sampling_temperature,
+                "cot_choice": cfg.cot_choice,
                 "train_wall_time_s": train_s,
                 "perception": perception_probe(args.cot_run),
             }

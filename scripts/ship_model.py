@@ -4,12 +4,12 @@
     python scripts/ship_model.py src/circot/assets/shapes-tiny --table benchmarks/results.json \
         --training "circot train --config configs/shapes-tiny-cot.yaml (...)"
     python scripts/ship_model.py src/circot/assets/shapes-tiny --fast-weight 0.3 [--cot-samples 2 \
-        --sampling-temperature 0.7]
+        --sampling-temperature 0.7 --cot-choice gallery]
 
 The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
 table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the query settings val
-chose (benchmarks/fast_weight.py): the blend of the fast embedding into full mode's, and the sampled CoTs averaged
-in. Storing float16 halves the size; the model computes in float32 when loaded, and storing again what was loaded
+chose (benchmarks/fast_weight.py): the blend of the fast embedding into full mode's, the sampled CoTs averaged
+in, and which CoT is shown. Storing float16 halves the size; the model computes in float32 when loaded, and storing again what was loaded
 is lossless, so the fingerprint the table recorded stays the shipped model's.
 """
 
@@ -58,6 +58,8 @@ def card_results(table: dict, fingerprint: str, training: str | None) -> dict[st
 
 
 def main() -> None:
+    from circot.config import COT_CHOICES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="model directory to ship")
     ap.add_argument("--dest", type=Path, default=Path("src/circot/assets/shapes-tiny"))
@@ -72,6 +74,7 @@ def main() -> None:
         "--cot-samples", type=int, help="sampled CoTs full mode averages in (benchmarks/fast_weight.py)"
     )
     ap.add_argument("--sampling-temperature", type=float, help="the temperature of those samples")
+    ap.add_argument("--cot-choice", choices=COT_CHOICES, help="which of those CoTs full mode shows")
     args = ap.parse_args()
 
     from circot.errors import CircotError
@@ -81,6 +84,7 @@ def main() -> None:
         "fast_weight": args.fast_weight,
         "cot_samples": args.cot_samples,
         "sampling_temperature": args.sampling_temperature,
+        "cot_choice": args.cot_choice,
     }
     over = {k: v for k, v in settings.items() if v is not None}
     try:

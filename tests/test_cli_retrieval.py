@@ -102,6 +102,17 @@ def test_index_build_add_info_search(cli, tmp_path, model_dir, monkeypatch):
         assert scores[0] != scores[1], option
         code, _, err = cli("search", "--index", tmp_path / "ix", *query, option, bad)
         assert code != 0 and option in err and "Traceback" not in err
+    # --cot-choice gallery shows, of the greedy CoT and its samples, the one that best matches a gallery image; the
+    # ranking stays the same
+    sampled = [*given[:4], "--cot-samples", "2"]
+    outs = []
+    for choice in ("greedy", "gallery"):
+        code, out, err = cli("search", "--index", tmp_path / "ix", *sampled, "--cot-choice", choice, "--json")
+        assert code == 0, err
+        outs.append(json.loads(out))
+    assert outs[0]["results"] == outs[1]["results"]
+    code, _, err = cli("search", "--index", tmp_path / "ix", *sampled, "--cot-choice", "vote")
+    assert code != 0 and "cot_choice must be one of" in err and "Traceback" not in err
 
 
 def test_cli_errors_are_one_line(cli, tmp_path, model_dir):

@@ -514,6 +514,17 @@ def test_cot_samples_average_sampled_cots_into_the_greedy_one(model, images):
         cfg.sampling_temperature = 1.0
         got, shown = model.encode_queries(images, TEXTS, mode="full", return_reasoning=True)
         assert [c.raw for c in shown] == [c.raw for c in cots]
+        # each generated CoT carries its own embedding and its samples, each with its own (cot_choice reads them):
+        # the query's embedding is their renormalised mean, and a sample embeds from its tokens as given
+        assert all(len(c.samples) == 2 and not c.samples[0].samples for c in shown)
+        np.testing.assert_allclose(np.stack([c.embedding for c in shown]), greedy, atol=1e-5)
+        total = np.stack([c.embedding + c.samples[0].embedding + c.samples[1].embedding for c in shown])
+        np.testing.assert_allclose(got, total / np.linalg.norm(total, axis=1, keepdims=True), atol=1e-5)
+        np.testing.assert_allclose(
+            model.encode_queries(images, TEXTS, mode="full", cots=[c.samples[1] for c in shown]),
+            np.stack([c.samples[1].embedding for c in shown]),
+            atol=1e-5,
+        )
         assert not np.allclose(got, greedy, atol=1e-3)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
         np.testing.assert_array_equal(model.encode_queries(images, TEXTS, mode="full"), got)

@@ -177,10 +177,12 @@ def test_sharded_evaluate_equals_one_process_and_resumes(world, model, tmp_path)
     assert not work.exists()  # shard files removed once merged
 
 
-@pytest.mark.parametrize("setting,value", [("fast_weight", 0.3), ("cot_samples", 1)])
+@pytest.mark.parametrize(
+    "setting,value", [("fast_weight", 0.3), ("cot_samples", 1), ("cot_choice", "gallery")]
+)
 def test_query_shards_are_not_reused_across_query_settings(world, model, tmp_path, setting, value):
-    """fast_weight and cot_samples change full mode's query embeddings but not the fingerprint: the query shard
-    is redone, the gallery shard reused."""
+    """fast_weight and cot_samples change full mode's query embeddings, and cot_choice what its shards keep, but
+    not the fingerprint: the query shard is redone, the gallery shard reused."""
     from circot.data.shapes import load
     from circot.evaluate import evaluate_split
 

@@ -27,6 +27,8 @@ class LoRASettings:
 
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# which CoT full mode shows (CIRCoTConfig.cot_choice)
+COT_CHOICES = ("greedy", "gallery")
 
 
 @dataclass
@@ -57,6 +59,10 @@ class CIRCoTConfig:
     # full mode's generated queries also decode this many sampled CoTs (at ``sampling_temperature``) and embed the
     # mean of their <emb> embeddings and the greedy CoT's (self-consistency); 0: the greedy CoT alone
     cot_samples: int = 0
+    # which of a generated query's CoTs is shown: "greedy", or "gallery": of the greedy CoT and its samples, the
+    # one whose own <emb> embedding best matches a gallery image (a wrong conclusion tends to describe a scene the
+    # gallery lacks). The query embedding is the same either way; it needs cot_samples > 0 and a gallery to search
+    cot_choice: str = "greedy"
     # reasoning / generation
     max_cot_tokens: int = 128
     do_sample: bool = False
@@ -93,6 +99,8 @@ class CIRCoTConfig:
             or self.cot_samples < 0
         ):
             raise ConfigError(f"cot_samples must be an integer >= 0, got {self.cot_samples!r}")
+        if self.cot_choice not in COT_CHOICES:
+            raise ConfigError(f"cot_choice must be one of {COT_CHOICES}, got {self.cot_choice!r}")
         if self.sampling_temperature <= 0:
             raise ConfigError(f"sampling_temperature must be > 0, got {self.sampling_temperature}")
         if self.max_cot_tokens < 1:

@@ -194,7 +194,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo; returns what it did (the HTML report is at ``result.report``)."""
     from circot.data.shapes import load
-    from circot.search import QueryResult, embed_queries, rank
+    from circot.search import QueryResult, embed_queries, index_best_match, rank
 
     t_start = time.perf_counter()
     workdir = Path(workdir) if workdir is not None else default_workdir()
@@ -216,7 +216,14 @@ def run_demo(
     picked = pick_queries(split.queries, n_queries)
     ref_paths = [str(split.image_path(q.reference)) for q in picked]
     # one batch: generation is amortised over the queries
-    queries = embed_queries(net, ref_paths, [q.text for q in picked], mode, batch_size=len(picked))
+    queries = embed_queries(
+        net,
+        ref_paths,
+        [q.text for q in picked],
+        mode,
+        batch_size=len(picked),
+        best_match=index_best_match(index),
+    )
     ts = time.perf_counter()
     ranked = rank(index, queries.embeddings, k)
     search_s = time.perf_counter() - ts

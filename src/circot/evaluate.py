@@ -24,7 +24,7 @@ from circot.errors import CircotError, DataError
 from circot.gallery import encode_gallery
 from circot.jsonout import SCORE_DIGITS, rounded
 from circot.prompts import CoT
-from circot.search import MODES
+from circot.search import MODES, matrix_best_match, shown_cots
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,12 @@ def _embed_queries_cached(
     flush_every: int,
     progress: bool,
     reasoner: Any = None,
+    best_match: Any = None,
 ) -> tuple[np.ndarray, list[CoT | None], int]:
     """Query embeddings through :func:`circot.search.embed_queries`, in full mode with the CoTs found in
     ``cache`` given and the others generated (and stored); returns (embeddings, cots, cache hits). With the
-    model's ``cot_samples`` > 0 nothing is read from the cache: a given CoT embeds alone, without the samples."""
+    model's ``cot_samples`` > 0 nothing is read from the cache: a given CoT embeds alone, without the samples.
+    ``best_match``: the gallery's, for the shown CoT (:func:`circot.search.shown_cots`)."""
     from circot.search import embed_queries
 
     n = len(texts)
@@ -163,6 +165,7 @@ def _embed_queries_cached(
             [given[i] for i in rows],
             batch_size,
             reasoner,
+            best_match,
         )
         embeddings.append(q.embeddings)
         cots.extend(q.cots)
@@ -170,7 +173,7 @@ def _embed_queries_cached(
             for i, c, new in zip(rows, q.cots, q.generated, strict=True):
                 if new and c is not None:
                     # with its token ids, so that a cached CoT embeds exactly as when generated
-                    pending[keys[i]] = {**c.to_dict(), "token_ids": c.token_ids}
+                    pending[keys[i]] = _cot_record(c)
             if len(pending) >= flush_every:
                 cache.put(pending)  # type: ignore[union-attr]
                 pending = {}
@@ -183,8 +186,19 @@ def _embed_queries_cached(
     return np.concatenate(embeddings).astype(np.float32, copy=False), cots, hits
 
 
+def _cot_record(cot: CoT, with_samples: bool = False) -> dict[str, Any]:
+    """A CoT as JSON: with its token ids, so that a cached CoT embeds exactly as when generated; with its own
+    embedding and its samples' too when ``with_samples`` (for the shown CoT's choice after a sharded run)."""
+    out = {**cot.to_dict(), "token_ids": cot.token_ids}
+    if with_samples and cot.embedding is not None:
+        out["embedding"] = np.asarray(cot.embedding, np.float32).tolist()
+        out["samples"] = [_cot_record(c, True) for c in cot.samples]
+    return out
+
+
 def _cached_cot(entry: dict[str, Any]) -> CoT:
     ids = entry.get("token_ids")
+    emb = entry.get("embedding")
     return CoT(
         caption=entry.get("caption", ""),
         reasoning=entry.get("reasoning", ""),
@@ -193,6 +207,8 @@ def _cached_cot(entry: dict[str, Any]) -> CoT:
         problems=list(entry.get("problems", [])),
         raw=entry.get("raw", ""),
         token_ids=ids if isinstance(ids, list) and all(type(t) is int for t in ids) and ids else None,
+        embedding=None if emb is None else np.asarray(emb, np.float32),
+        samples=[_cached_cot(e) for e in entry.get("samples", [])],
     )
 
 
@@ -237,6 +253,7 @@ def _sharded_embeddings(
             "reasoner": getattr(reasoner, "remote", False) and reasoner.cache_tag(model),
             "fast_weight": model.config.fast_weight if mode == "full" else 0.0,
             "cot_samples": model.config.cot_samples if mode == "full" else 0,
+            "cot_choice": model.config.cot_choice if mode == "full" else "greedy",
         },
     )
 
@@ -248,7 +265,9 @@ def _sharded_embeddings(
             model, images[start:end], texts[start:end], mode, cot_cache, batch_size, 256,
             progress and rank == 0, reasoner,
         )  # fmt: skip
-        extras = [None if c is None else {**c.to_dict(), "token_ids": c.token_ids} for c in cots]
+        # the shown CoT is chosen on rank 0, where the whole gallery is: the candidates travel with the shard
+        choose = model.config.cot_choice == "gallery"
+        extras = [None if c is None else _cot_record(c, with_samples=choose) for c in cots]
         return emb.reshape(end - start, -1), extras, {"cot_cached": hits, "cot_generated": end - start - hits}
 
     t0 = time.perf_counter()
@@ -264,6 +283,7 @@ def _sharded_embeddings(
     timings["wait_s"] = time.perf_counter() - t0
     assert gallery is not None and merged is not None  # rank 0
     cots = [None if e is None else _cached_cot(e) for e in merged.extras or [None] * len(texts)]
+    cots = shown_cots(model, cots, matrix_best_match(gallery))
     cache_info = {"shards": world_size}
     if emb_cache is not None:
         cache_info["gallery_encoded"] = gallery_stats.get("encoded", 0)
@@ -370,7 +390,16 @@ def evaluate_split(
 
     t0 = time.perf_counter()
     queries, cots, hits = _embed_queries_cached(
-        model, images, texts, mode, cot_cache, batch_size, 256, progress, reasoner
+        model,
+        images,
+        texts,
+        mode,
+        cot_cache,
+        batch_size,
+        256,
+        progress,
+        reasoner,
+        matrix_best_match(gallery),
     )
     if mode == "full":
         cache_info["cot_cached"] = hits

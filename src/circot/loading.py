@@ -476,6 +476,11 @@ def model_card(model: Any, results: dict[str, Any] | None = None) -> str:
         + (
             f" and averages {cfg.cot_samples} CoTs sampled at temperature {cfg.sampling_temperature} into the "
             "greedy one's"
+            + (
+                "; it shows the CoT whose own embedding best matches a gallery image"
+                if cfg.cot_choice == "gallery"
+                else ""
+            )
             if cfg.cot_samples
             else ""
         ),

@@ -199,9 +199,10 @@ class CIRCoT(nn.Module):
         cfg = self.config.to_dict()
         cfg.pop("gradient_checkpointing", None)  # a training switch; embeddings do not depend on it
         # query-side settings: neither the gallery's embeddings nor the greedy CoTs depend on them, so an index
-        # stays valid (and the fingerprints of models saved before cot_samples existed stay as they were)
+        # stays valid (and the fingerprints of models saved before these existed stay as they were)
         cfg.pop("fast_weight", None)
         cfg.pop("cot_samples", None)
+        cfg.pop("cot_choice", None)
         h.update(json.dumps(cfg, sort_keys=True).encode())
         h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True).encode())
         hash_weights(h, self.model)
@@ -441,26 +442,42 @@ class CIRCoT(nn.Module):
         """The decoding loop of full mode: :func:`circot.generation.decode_steps` (its docstring has the details)."""
         return decode_steps(self, seq, image_out, max_new, embed, generator)
 
+    def _parse_generated(self, generated: list[int]) -> CoT:
+        """The parsed CoT of one row of generated token ids, with the ids it embeds from."""
+        emitted = _cut_at(generated, self.emb_token_id, self.stop_token_ids)
+        cot = prompts.parse_cot(self.tokenizer.decode(emitted, skip_special_tokens=False), require_emb=True)
+        cot.token_ids = prompts.close_with_emb(generated, self.emb_token_id, self.stop_token_ids)[:-1]
+        return cot
+
     def _add_cot_samples(
         self, cot_emb: torch.Tensor, prompt_ids: list[list[int]], grids: torch.Tensor, image_out: Any
-    ) -> torch.Tensor:
-        """Generated rows' embeddings ``(b, d)`` from their greedy CoTs' ``<emb>`` embeddings: as they are when the
-        config's ``cot_samples`` k is 0, else the mean of those and of k CoTs sampled per row (at
+    ) -> tuple[torch.Tensor, list[list[CoT]]]:
+        """Generated rows' embeddings ``(b, d)`` from their greedy CoTs' ``<emb>`` embeddings, and the CoTs
+        sampled per row (each with its own ``embedding``): as they are and none when the config's
+        ``cot_samples`` k is 0, else the mean of those and of k CoTs sampled per row (at
         ``sampling_temperature``, from a generator seeded with :data:`COT_SAMPLE_SEED` for each batch),
-        renormalised. The shown reasoning stays the greedy one."""
+        renormalised."""
         k = int(self.config.cot_samples)
         if k == 0:
-            return cot_emb
+            return cot_emb, [[] for _ in prompt_ids]
         rows = [i for i in range(len(prompt_ids)) for _ in range(k)]
         closed: dict[str, torch.Tensor] = {}
         generator = torch.Generator(device=self.device).manual_seed(COT_SAMPLE_SEED)
         seq = self._pad([prompt_ids[i] for i in rows], grids[rows])
-        for _ in self._decode_steps(
-            seq, _select_images(image_out, rows), self.config.max_cot_tokens, closed, generator
-        ):
-            pass
-        sampled = self._finish_embedding(closed["hidden"]).cpu().view(len(prompt_ids), k, -1)
-        return self._finish_embedding((cot_emb + sampled.sum(1)) / (1 + k))
+        steps = list(
+            self._decode_steps(
+                seq, _select_images(image_out, rows), self.config.max_cot_tokens, closed, generator
+            )
+        )
+        generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
+        sampled = self._finish_embedding(closed["hidden"]).cpu()
+        cots = []
+        for g, e in zip(generated, sampled, strict=True):
+            cots.append(self._parse_generated(g))
+            cots[-1].embedding = e.numpy()
+        per_row = [cots[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
+        mean = (cot_emb + sampled.view(len(prompt_ids), k, -1).sum(1)) / (1 + k)
+        return self._finish_embedding(mean), per_row
 
     # ------------------------------------------------------------------ inference
     def _encode_query_batch(
@@ -506,15 +523,12 @@ class CIRCoT(nn.Module):
                 steps = list(self._decode_steps(gen_seq, sub_out, self.config.max_cot_tokens, embed=closed))
                 generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in todo]
                 for i, g in zip(todo, generated, strict=True):
-                    emitted = _cut_at(g, self.emb_token_id, self.stop_token_ids)
-                    text = self.tokenizer.decode(emitted, skip_special_tokens=False)
-                    parsed[i] = prompts.parse_cot(text, require_emb=True)
-                    parsed[i].token_ids = prompts.close_with_emb(g, self.emb_token_id, self.stop_token_ids)[
-                        :-1
-                    ]
+                    parsed[i] = self._parse_generated(g)
                 if closed is not None:
                     cot_emb = self._finish_embedding(closed["hidden"]).cpu()
-                    out[todo] = self._add_cot_samples(cot_emb, todo_prompts, grids[todo], sub_out)
+                    out[todo], samples = self._add_cot_samples(cot_emb, todo_prompts, grids[todo], sub_out)
+                    for i, own, row_samples in zip(todo, cot_emb, samples, strict=True):
+                        parsed[i].embedding, parsed[i].samples = own.numpy(), row_samples  # type: ignore[union-attr]
         if not embed:
             return None, parsed
         if pooled:
@@ -647,7 +661,8 @@ class CIRCoT(nn.Module):
         """Yield the CoT text piece by piece as it is generated (ends before ``<emb>``).
 
         ``embedding``: a dict that receives ``"embedding"`` (d,) once the reasoning is complete — the state at
-        the ``<emb>`` that closes it, as ``encode_queries(mode="full")`` embeds the same query. Each step runs
+        the ``<emb>`` that closes it, as ``encode_queries(mode="full")`` embeds the same query — and, as that
+        query's CoT carries them, ``"cot_embedding"`` (the streamed CoT's own) and ``"samples"`` (sampled CoTs). Each step runs
         under its own ``inference_mode`` (the generator may be resumed from another thread).
         """
         closed: dict[str, torch.Tensor] | None = {} if embedding is not None else None
@@ -669,9 +684,11 @@ class CIRCoT(nn.Module):
                     for _ in steps:  # the closing <emb> step
                         pass
                     cot_emb = self._finish_embedding(closed["hidden"]).cpu()  # type: ignore[index]
-                    cot_emb = self._add_cot_samples(cot_emb, prompt_ids, grids, image_out)
-                    blended = self._blend_fast(cot_emb, [text], self.images.n_tokens(grids), grids, image_out)
+                    mean, samples = self._add_cot_samples(cot_emb, prompt_ids, grids, image_out)
+                    blended = self._blend_fast(mean, [text], self.images.n_tokens(grids), grids, image_out)
                     embedding["embedding"] = blended[0].numpy()  # type: ignore[index]
+                    embedding["cot_embedding"] = cot_emb[0].numpy()  # type: ignore[index]
+                    embedding["samples"] = samples[0]  # type: ignore[index]
             if token is None:
                 return
             t = int(token[0])

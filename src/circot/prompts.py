@@ -14,7 +14,7 @@ Fast mode answers ``<emb>`` directly. A gallery image is embedded by answering `
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 EMB_TOKEN = "<emb>"
@@ -40,6 +40,9 @@ class CoT:
     ``<emb>`` (or by nothing but whitespace when ``require_emb`` was False). ``problems`` says what was wrong.
     ``token_ids``: for a generated CoT, the answer's token ids as the model wrote them (up to, without, the
     closing ``<emb>``); a model embeds such a CoT from exactly these tokens, a CoT without them from its text.
+    ``embedding``: for a generated CoT, its own ``<emb>`` embedding (before any blend), and ``samples``: the CoTs
+    sampled for the same query (config ``cot_samples``), each with its own; the shown CoT may be chosen among
+    them (config ``cot_choice``, :func:`circot.search.choose_cots`).
     """
 
     caption: str = ""
@@ -49,11 +52,18 @@ class CoT:
     problems: list[str] = field(default_factory=list)
     raw: str = ""
     token_ids: list[int] | None = field(default=None, repr=False, compare=False)
+    embedding: Any = field(default=None, repr=False, compare=False)
+    samples: list[CoT] = field(default_factory=list, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        del out["token_ids"]
-        return out
+        return {
+            "caption": self.caption,
+            "reasoning": self.reasoning,
+            "conclusion": self.conclusion,
+            "well_formed": self.well_formed,
+            "problems": list(self.problems),
+            "raw": self.raw,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoT:

@@ -11,7 +11,7 @@ ranked :class:`Hit` lists, the same way for all of them.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,20 +51,10 @@ class QueryResult:
     cot_given: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        cot = None
-        if self.cot is not None:
-            cot = {
-                "caption": self.cot.caption,
-                "reasoning": self.cot.reasoning,
-                "conclusion": self.cot.conclusion,
-                "well_formed": self.cot.well_formed,
-                "problems": list(self.cot.problems),
-                "raw": self.cot.raw,
-            }
         return {
             "text": self.text,
             "mode": self.mode,
-            "cot": cot,
+            "cot": None if self.cot is None else self.cot.to_dict(),
             "cot_given": self.cot_given,
             "results": [h.to_dict() for h in self.hits],
             "timings": rounded(self.timings, SCORE_DIGITS),
@@ -115,12 +105,15 @@ def load_model(
     device: str | None = "auto",
     fast_weight: float | None = None,
     cot_samples: int | None = None,
+    cot_choice: str | None = None,
 ) -> Any:
     """Load a circot model by folder or hub id (``None``: the shipped shapes model) onto ``device``;
-    ``fast_weight``, ``cot_samples``: in place of the model's own (:class:`circot.config.CIRCoTConfig`)."""
+    ``fast_weight``, ``cot_samples``, ``cot_choice``: in place of the model's own
+    (:class:`circot.config.CIRCoTConfig`)."""
     from circot.model import CIRCoT
 
-    over = {k: v for k, v in (("fast_weight", fast_weight), ("cot_samples", cot_samples)) if v is not None}
+    given = {"fast_weight": fast_weight, "cot_samples": cot_samples, "cot_choice": cot_choice}
+    over = {k: v for k, v in given.items() if v is not None}
     return CIRCoT.from_pretrained(
         str(model) if model is not None else None, device=resolve_device(device), **over
     )
@@ -160,6 +153,52 @@ class QueryEmbeddings:
     timings: dict[str, float]
 
 
+BestMatch = Callable[[np.ndarray], np.ndarray]
+
+
+def choose_cots(cots: Sequence[CoT | None], best_match: BestMatch) -> list[CoT | None]:
+    """The CoT shown for each query under the config's ``cot_choice: gallery``: of a generated CoT and the CoTs
+    sampled with it (``CoT.samples``), the one whose own embedding's best gallery score is highest
+    (``best_match``: ``(m, d)`` float32 embeddings to ``(m,)`` scores); the greedy CoT on a tie. CoTs without
+    samples stay as they are. A wrong conclusion tends to describe a scene that no gallery image shows."""
+    rows = [i for i, c in enumerate(cots) if c is not None and c.samples and c.embedding is not None]
+    out = list(cots)
+    if not rows:
+        return out
+    candidates = [[cots[i], *cots[i].samples] for i in rows]  # type: ignore[misc]
+    stacked = np.stack([np.asarray(c.embedding, np.float32) for cs in candidates for c in cs])
+    scores = np.nan_to_num(np.asarray(best_match(stacked), np.float64), nan=-np.inf)
+    start = 0
+    for i, cs in zip(rows, candidates, strict=True):
+        out[i] = cs[int(np.argmax(scores[start : start + len(cs)]))]
+        start += len(cs)
+    return out
+
+
+def shown_cots(model: Any, cots: Sequence[CoT | None], best_match: BestMatch | None) -> list[CoT | None]:
+    """The CoTs to show: :func:`choose_cots`'s when ``model``'s config says ``cot_choice: gallery`` and a
+    gallery is at hand (``best_match``), else ``cots`` as they are."""
+    if best_match is None or model.config.cot_choice != "gallery":
+        return list(cots)
+    return choose_cots(cots, best_match)
+
+
+def index_best_match(index: Any) -> BestMatch:
+    """:func:`choose_cots`'s ``best_match`` through a gallery index or vector store (anything with ``search``):
+    each embedding's top score."""
+
+    def best(embeddings: np.ndarray) -> np.ndarray:
+        scores, _ = index.search(np.ascontiguousarray(embeddings, dtype=np.float32), 1)
+        return np.asarray(scores, np.float64).reshape(len(embeddings), -1)[:, 0]
+
+    return best
+
+
+def matrix_best_match(gallery: np.ndarray) -> BestMatch:
+    """:func:`choose_cots`'s ``best_match`` over a gallery's embeddings ``(n, d)``: exact top scores."""
+    return lambda embeddings: (np.asarray(embeddings, np.float32) @ gallery.T).max(axis=1)
+
+
 def embed_queries(
     model: Any,
     images: Sequence[Any],
@@ -168,13 +207,16 @@ def embed_queries(
     cots: Sequence[CoT | dict[str, str] | None] | None = None,
     batch_size: int = 16,
     reasoner: Any = None,
+    best_match: BestMatch | None = None,
 ) -> QueryEmbeddings:
     """Reason (full mode: the CoTs not given) and embed every query — the one query path of circot.
 
     Given and generated CoTs are embedded by the same rule; a generated one costs one decode (no second
     forward), a given one a forward over prompt + CoT + ``<emb>``. ``reasoner``: where generated CoTs come
     from; None or a local one: the model's own decode; a remote one (:class:`circot.reasoner.OpenAIReasoner`):
-    its CoTs are then embedded as given ones (and count as generated).
+    its CoTs are then embedded as given ones (and count as generated). ``best_match``: the gallery's best score
+    of embeddings (:func:`index_best_match`); with it, a model whose config says ``cot_choice: gallery`` shows
+    the CoT :func:`choose_cots` picks (the query's embedding does not change).
     """
     if mode not in MODES:
         raise CircotError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -203,6 +245,7 @@ def embed_queries(
         emb, used = model.encode_queries(
             list(images), list(texts), mode="full", batch_size=batch_size, cots=given, return_reasoning=True
         )
+        used = shown_cots(model, used, best_match)
     spent = time.perf_counter() - t0
     share = 0.0 if remote_s else sum(generated) / max(1, n)
     timings = {"cot_s": remote_s + spent * share, "embed_s": spent * (1.0 - share)}
@@ -260,7 +303,9 @@ def search_query(
         raise CircotError(f"k must be a positive integer, not {k!r}")
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         raise CircotError(f"{image}: image file not found")
-    q = embed_queries(model, [image], [text], mode, [cot] if cot is not None else None, 1, reasoner)
+    q = embed_queries(
+        model, [image], [text], mode, [cot] if cot is not None else None, 1, reasoner, index_best_match(index)
+    )
     timings = dict(q.timings)
     t0 = time.perf_counter()
     hits = rank(index, q.embeddings, k)[0]
@@ -277,10 +322,14 @@ __all__ = [
     "QueryEmbeddings",
     "QueryResult",
     "check_device",
+    "choose_cots",
     "embed_queries",
+    "index_best_match",
     "load_model",
+    "matrix_best_match",
     "model_reference",
     "rank",
     "resolve_device",
     "search_query",
+    "shown_cots",
 ]

@@ -71,6 +71,10 @@ class GuardedModel:
     def embedding_dim(self) -> int:
         return self.inner.embedding_dim
 
+    @property
+    def config(self):
+        return self.inner.config
+
     @contextlib.contextmanager
     def _inside(self):
         with self._lock:

@@ -219,6 +219,30 @@ def test_stream_sends_reasoning_then_results(client, tiny_model, gallery_index):
     }
 
 
+def test_gallery_choice_shows_the_same_cot_streamed_or_not(client, tiny_model, gallery_index):
+    """cot_choice gallery (with sampled CoTs): the stream writes the greedy CoT as it is decoded, then shows the
+    CoT that search shows, which is a sample for some queries; the ranking is search's."""
+    cfg = tiny_model.config
+    cfg.cot_samples, cfg.sampling_temperature, cfg.cot_choice = 3, 1.0, "gallery"
+    image = Image.open(gallery_index.path_of(GALLERY_ID)).convert("RGB")
+    swapped = 0
+    try:
+        for text in ("remove the small yellow triangle", "make the circle green", "add a blue square"):
+            form = {"text": text, "gallery_id": GALLERY_ID, "k": 4}
+            events = sse_events(client.post("/api/search/stream", data=form).text)
+            streamed = "".join(data["text"] for name, data in events if name == "token")
+            cot, results = events[-3][1], events[-2][1]
+            assert streamed == "".join(tiny_model.stream_reasoning(image, text))
+            plain = client.post("/api/search", data=form).json()
+            want_cot, want_hits = expected(tiny_model, gallery_index, image, text, 4)
+            assert cot["raw"] == plain["cot"]["raw"] == want_cot.raw
+            assert_same_hits(hits(results), want_hits)
+            swapped += cot["raw"] != streamed
+    finally:
+        cfg.cot_samples, cfg.sampling_temperature, cfg.cot_choice = 0, 1.0, "greedy"
+    assert swapped  # a sample was shown for some query: the choice was made
+
+
 def test_stream_fast_mode_has_no_reasoning(client):
     response = client.post(
         "/api/search/stream", data={"text": "add a star", "gallery_id": GALLERY_ID, "mode": "fast", "k": 3}

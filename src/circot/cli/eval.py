@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
         fast_weight: float = reasoning.FAST_WEIGHT,
         cot_samples: int = reasoning.COT_SAMPLES,
+        cot_choice: str = reasoning.COT_CHOICE,
         store: str = typer.Option(
             None,
             "--store",
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
         if not root.exists():
             raise CircotError(f"{dataset}: root folder {str(root)!r} does not exist")
         reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env, batch_size)
-        net = load_model(model, device, fast_weight, cot_samples)
+        net = load_model(model, device, fast_weight, cot_samples, cot_choice)
         try:
             report = evaluate(
                 net,

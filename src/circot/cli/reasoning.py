@@ -41,6 +41,12 @@ COT_SAMPLES = typer.Option(
     help="Full mode also samples K CoTs per query and embeds the mean of theirs and the greedy one's (default: "
     "the model's cot_samples; 0: the greedy CoT alone). Costs K more decodes a query.",
 )
+COT_CHOICE = typer.Option(
+    None,
+    "--cot-choice",
+    help="Which of full mode's CoTs is shown (with samples): greedy, or gallery: the one whose own embedding best "
+    "matches a gallery image (default: the model's cot_choice). The ranking is the same either way.",
+)
 
 
 def build(kind: str, base_url: str | None, model: str | None, api_key_env: str | None, concurrency: int = 16):

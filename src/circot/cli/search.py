@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
         fast_weight: float = reasoning.FAST_WEIGHT,
         cot_samples: int = reasoning.COT_SAMPLES,
+        cot_choice: str = reasoning.COT_CHOICE,
     ) -> None:
         """Find the gallery images that match IMAGE changed as TEXT says; print the reasoning and the ranking."""
         from circot.errors import CircotError
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
             raise CircotError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
         reasoner = reasoning.build(reasoner_kind, base_url, reasoner_model, reasoner_key_env)
         gallery = open_store(index, mmap=mmap)
-        net = load_model(model or gallery.manifest.model, device, fast_weight, cot_samples)
+        net = load_model(model or gallery.manifest.model, device, fast_weight, cot_samples, cot_choice)
         cot = None
         if conclusion is not None:
             cot = {"caption": "", "reasoning": "", "conclusion": conclusion}

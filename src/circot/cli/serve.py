@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         reasoner_key_env: str = reasoning.REASONER_KEY_ENV,
         fast_weight: float = reasoning.FAST_WEIGHT,
         cot_samples: int = reasoning.COT_SAMPLES,
+        cot_choice: str = reasoning.COT_CHOICE,
     ) -> None:
         """Serve a gallery index over HTTP: a JSON API and a page to search and steer the reasoning."""
         import os
@@ -81,6 +82,7 @@ def register(app: typer.Typer) -> None:
                 reasoner=reasoner,
                 fast_weight=fast_weight,
                 cot_samples=cot_samples,
+                cot_choice=cot_choice,
             )
         finally:
             reasoner.close()

@@ -23,7 +23,7 @@ from PIL import Image
 
 from circot.errors import CircotError
 from circot.prompts import CoT, parse_cot
-from circot.search import Hit, embed_queries, rank
+from circot.search import Hit, embed_queries, index_best_match, rank, shown_cots
 from circot.serve.uploads import UploadRejected
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,11 @@ class SearchEngine:
         with self._index_lock:
             return rank(self.index, np.asarray(embedding, dtype=np.float32).reshape(1, -1), k)[0]
 
+    def best_match(self, embeddings: np.ndarray) -> np.ndarray:
+        """Each embedding's best gallery score: how the shown CoT is chosen (config ``cot_choice``)."""
+        with self._index_lock:
+            return index_best_match(self.index)(embeddings)
+
     def search(self, image: Image.Image, text: str, mode: str, k: int) -> SearchOutcome:
         """Reason about (full mode) and embed one query, then search the gallery.
 
@@ -188,7 +193,7 @@ class SearchEngine:
         start = time.perf_counter()
         with self.model_lock:
             waited = _ms(start)
-            q = embed_queries(self.model, [image], [text], mode, None, 1)
+            q = embed_queries(self.model, [image], [text], mode, None, 1, best_match=self.best_match)
         start = time.perf_counter()
         hits = self.rank(q.embeddings[0], k)
         timings = {"queue": waited}
@@ -265,6 +270,9 @@ class SearchEngine:
                     close()
             reasoning_ms = _ms(start)
             cot = parse_cot("".join(pieces))
+            # the streamed CoT is the greedy one; the one shown at the end may be one of its samples, as in search
+            cot.embedding, cot.samples = closing.get("cot_embedding"), closing.get("samples", [])
+            (cot,) = shown_cots(self.model, [cot], self.best_match)
             emit("cot", cot)
             if cancel.is_set():
                 return None

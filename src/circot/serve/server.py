@@ -56,6 +56,7 @@ def serve(
     reasoner: Any = None,
     fast_weight: float | None = None,
     cot_samples: int | None = None,
+    cot_choice: str | None = None,
 ) -> None:
     """Serve the gallery index at ``index_path`` (a store URI, see :mod:`circot.store`) with ``model``
     (default: the shipped shapes model).
@@ -63,8 +64,8 @@ def serve(
     ``device``: a torch device, or ``auto`` (this process's GPU when there is one, else the CPU).
     ``api_key``: require it as a bearer token (see :func:`circot.serve.app.create_app`).
     ``reasoner``: where full mode's CoTs come from (:mod:`circot.reasoner`; default the model's own decode).
-    ``fast_weight``, ``cot_samples``: full mode's blend of the fast embedding and its sampled CoTs, in place of
-    the model's own (see :class:`circot.config.CIRCoTConfig`).
+    ``fast_weight``, ``cot_samples``, ``cot_choice``: full mode's blend of the fast embedding and its sampled
+    CoTs, and which CoT it shows, in place of the model's own (see :class:`circot.config.CIRCoTConfig`).
 
     Blocks until the server stops. Sets PIL's process-wide decompression-bomb limit to the pixel limit.
 
@@ -89,7 +90,7 @@ def serve(
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     use_whole_image_blocks(limits.max_pixels)
     index = open_store(spec)
-    loaded = load_model(model, device, fast_weight, cot_samples)
+    loaded = load_model(model, device, fast_weight, cot_samples, cot_choice)
     app = create_app(
         index, loaded, limits=limits, check_fingerprint=check_fingerprint, api_key=api_key, reasoner=reasoner
     )
