@@ -61,7 +61,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sampling_model():
     model = shapes_tiny_model()
-    model.config.cot_samples, model.config.sampling_temperature = 3, 1.0
+    model.config.cot_samples, model.config.sampling_temperature = 4, 1.5
     return model
 
 
@@ -73,8 +73,7 @@ def test_evaluate_shows_the_gallery_choice_and_ranks_as_before(world, sampling_m
 
     model = sampling_model
     split = load(world, "val")
-    # batches of 4, as each of two shards runs: a query's samples depend on the rows decoded with it
-    run = dict(mode="full", use_cache=False, keep_scores=True, batch_size=4)
+    run = dict(mode="full", use_cache=False, keep_scores=True)
     fp = model.fingerprint
     greedy = evaluate_split(model, split, rank=0, world_size=1, **run)
     model.config.cot_choice = "gallery"
@@ -92,13 +91,12 @@ def test_evaluate_shows_the_gallery_choice_and_ranks_as_before(world, sampling_m
         [str(split.image_path(q.reference)) for q in split.queries],
         [q.text for q in split.queries],
         mode="full",
-        batch_size=4,
         return_reasoning=True,
     )
     want = []
     for c in cots:
         candidates = [c, *c.samples]
-        assert len(candidates) == 4
+        assert len(candidates) == 5
         want.append(candidates[int(np.argmax([(x.embedding @ gallery.T).max() for x in candidates]))].raw)
     assert [c.raw for c in chosen.cots] == want
     assert [c.raw for c in greedy.cots] == [c.raw for c in cots]
@@ -125,11 +123,10 @@ def test_search_shows_the_gallery_choice(world, sampling_model, tmp_path):
     model.config.cot_choice = "gallery"
     try:
         results = [search_query(model, index, img, t, k=3) for img, t in zip(images, texts, strict=True)]
-        # one query a batch, as search_query runs (a query's samples depend on the rows decoded with it)
-        batch = embed_queries(model, images, texts, "full", batch_size=1, best_match=index_best_match(index))
+        batch = embed_queries(model, images, texts, "full", best_match=index_best_match(index))
     finally:
         model.config.cot_choice = "greedy"
-    plain = embed_queries(model, images, texts, "full", batch_size=1)
+    plain = embed_queries(model, images, texts, "full")
     assert [r.cot.raw for r in results] == [c.raw for c in batch.cots]
     np.testing.assert_allclose(batch.embeddings, plain.embeddings, atol=1e-6)
     best = index_best_match(index)

@@ -499,7 +499,8 @@ def test_fast_weight_blends_the_fast_embedding_into_full_mode(model, images):
 
 def test_cot_samples_average_sampled_cots_into_the_greedy_one(model, images):
     """cot_samples k: a generated query embeds the mean of its greedy CoT's and k sampled CoTs' ``<emb>``
-    embeddings, renormalised: the same on the batched and the streamed path and from run to run. The CoT shown is
+    embeddings, renormalised: the same on the batched and the streamed path, alone or in any batch, and from run
+    to run. The CoT shown is
     the greedy one, a given CoT embeds alone, and samples at a temperature near 0 (the greedy CoT k more times)
     leave the embedding as it was. The fingerprint (so an index's validity) ignores k."""
     model.eval()
@@ -509,7 +510,7 @@ def test_cot_samples_average_sampled_cots_into_the_greedy_one(model, images):
     cfg.cot_samples = 2
     try:
         assert model.fingerprint == fp
-        cfg.sampling_temperature = 1e-4
+        cfg.sampling_temperature = 1e-7
         np.testing.assert_allclose(model.encode_queries(images, TEXTS, mode="full"), greedy, atol=1e-5)
         cfg.sampling_temperature = 1.0
         got, shown = model.encode_queries(images, TEXTS, mode="full", return_reasoning=True)
@@ -536,6 +537,11 @@ def test_cot_samples_average_sampled_cots_into_the_greedy_one(model, images):
         "".join(model.stream_reasoning(images[1], TEXTS[1], embedding=out))
         np.testing.assert_allclose(out["embedding"], one, atol=1e-5)
         assert not np.allclose(one, greedy[1], atol=1e-3)
+        # a query's samples are its own: alone, or in a batch with other queries, it embeds the same
+        np.testing.assert_allclose(one, got[1], atol=1e-5)
+        np.testing.assert_allclose(
+            model.encode_queries(images[::-1], TEXTS[::-1], mode="full")[::-1], got, atol=1e-5
+        )
     finally:
         cfg.cot_samples, cfg.sampling_temperature = 0, 1.0
 

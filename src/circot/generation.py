@@ -27,10 +27,10 @@ def decode_steps(
     image_out: Any,
     max_new: int,
     embed: dict[str, torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy (or sampled) decoding with the KV cache; yields the (b,) next tokens until all rows stop.
-    ``generator``: sample from it, whatever the config's ``do_sample``.
+    ``generator``: sample from it (a list: one per row), whatever the config's ``do_sample``.
 
     The prompt is prefilled by the transformers model; the one-token steps run through
     :class:`_LeanDecoder` (same modules and weights, without transformers' per-call machinery) when the

@@ -43,7 +43,8 @@ from circot.tokenizer import token_id
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# the seed of the generator of full mode's sampled CoTs (config `cot_samples`), seeded anew for each batch
+# the seed that full mode's sampled CoTs (config `cot_samples`) start from: each query's generators are seeded
+# from it, the query's image pixels and its prompt, so that its samples do not depend on the queries decoded with it
 COT_SAMPLE_SEED = 0
 MODES = ("gallery", "fast", "full")
 
@@ -418,8 +419,10 @@ class CIRCoT(nn.Module):
     def _hidden(self, input_ids, attention_mask, position_ids, image_out) -> torch.Tensor:
         return self._lm(input_ids, attention_mask, position_ids, image_out).last_hidden_state
 
-    def _next_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy unless the config samples or a ``generator`` to sample from is given."""
+    def _next_token(
+        self, logits: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Greedy unless the config samples or a ``generator`` to sample from is given (a list: one per row)."""
         logits = logits.index_fill(-1, self._banned_ids.to(logits.device), float("-inf"))
         if not self.config.do_sample and generator is None:
             return logits.argmax(-1)
@@ -429,6 +432,9 @@ class CIRCoT(nn.Module):
             keep = sorted_p.cumsum(-1) - sorted_p < self.config.top_p
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        if isinstance(generator, list):
+            rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator, strict=True)]
+            return torch.cat(rows)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def _decode_steps(
@@ -437,7 +443,7 @@ class CIRCoT(nn.Module):
         image_out: Any,
         max_new: int,
         embed: dict[str, torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> Iterator[torch.Tensor]:
         """The decoding loop of full mode: :func:`circot.generation.decode_steps` (its docstring has the details)."""
         return decode_steps(self, seq, image_out, max_new, embed, generator)
@@ -449,20 +455,43 @@ class CIRCoT(nn.Module):
         cot.token_ids = prompts.close_with_emb(generated, self.emb_token_id, self.stop_token_ids)[:-1]
         return cot
 
+    def _sample_seeds(
+        self, pixels: torch.Tensor, grids: torch.Tensor, prompt_ids: list[list[int]]
+    ) -> list[int]:
+        """One seed per query for its sampled CoTs: a hash of :data:`COT_SAMPLE_SEED`, the query image's pixels
+        (as preprocessed, one image's patches apart from another's) and its prompt's token ids."""
+        seeds = []
+        patches = pixels.detach().float().cpu().split(grids.prod(-1).tolist())
+        for image, ids in zip(patches, prompt_ids, strict=True):
+            h = hashlib.sha256(str(COT_SAMPLE_SEED).encode())
+            h.update(image.contiguous().numpy().tobytes())
+            h.update(np.asarray(ids, np.int64).tobytes())
+            seeds.append(int.from_bytes(h.digest()[:8], "little") >> 1)
+        return seeds
+
     def _add_cot_samples(
-        self, cot_emb: torch.Tensor, prompt_ids: list[list[int]], grids: torch.Tensor, image_out: Any
+        self,
+        cot_emb: torch.Tensor,
+        prompt_ids: list[list[int]],
+        grids: torch.Tensor,
+        image_out: Any,
+        seeds: list[int],
     ) -> tuple[torch.Tensor, list[list[CoT]]]:
         """Generated rows' embeddings ``(b, d)`` from their greedy CoTs' ``<emb>`` embeddings, and the CoTs
         sampled per row (each with its own ``embedding``): as they are and none when the config's
         ``cot_samples`` k is 0, else the mean of those and of k CoTs sampled per row (at
-        ``sampling_temperature``, from a generator seeded with :data:`COT_SAMPLE_SEED` for each batch),
-        renormalised."""
+        ``sampling_temperature``; the j-th from a generator seeded with the row's ``seeds`` entry and j, so that
+        a query's samples are the same whatever else is decoded with it), renormalised."""
         k = int(self.config.cot_samples)
         if k == 0:
             return cot_emb, [[] for _ in prompt_ids]
         rows = [i for i in range(len(prompt_ids)) for _ in range(k)]
         closed: dict[str, torch.Tensor] = {}
-        generator = torch.Generator(device=self.device).manual_seed(COT_SAMPLE_SEED)
+        generator = [
+            torch.Generator(device=self.device).manual_seed((seeds[i] + j) % 2**63)
+            for i in range(len(prompt_ids))
+            for j in range(k)
+        ]
         seq = self._pad([prompt_ids[i] for i in rows], grids[rows])
         steps = list(
             self._decode_steps(
@@ -526,7 +555,10 @@ class CIRCoT(nn.Module):
                     parsed[i] = self._parse_generated(g)
                 if closed is not None:
                     cot_emb = self._finish_embedding(closed["hidden"]).cpu()
-                    out[todo], samples = self._add_cot_samples(cot_emb, todo_prompts, grids[todo], sub_out)
+                    seeds = self._sample_seeds(pixels, grids, prompt_ids)
+                    out[todo], samples = self._add_cot_samples(
+                        cot_emb, todo_prompts, grids[todo], sub_out, [seeds[i] for i in todo]
+                    )
                     for i, own, row_samples in zip(todo, cot_emb, samples, strict=True):
                         parsed[i].embedding, parsed[i].samples = own.numpy(), row_samples  # type: ignore[union-attr]
         if not embed:
@@ -684,7 +716,8 @@ class CIRCoT(nn.Module):
                     for _ in steps:  # the closing <emb> step
                         pass
                     cot_emb = self._finish_embedding(closed["hidden"]).cpu()  # type: ignore[index]
-                    mean, samples = self._add_cot_samples(cot_emb, prompt_ids, grids, image_out)
+                    seeds = self._sample_seeds(pixels, grids, prompt_ids)
+                    mean, samples = self._add_cot_samples(cot_emb, prompt_ids, grids, image_out, seeds)
                     blended = self._blend_fast(mean, [text], self.images.n_tokens(grids), grids, image_out)
                     embedding["embedding"] = blended[0].numpy()  # type: ignore[index]
                     embedding["cot_embedding"] = cot_emb[0].numpy()  # type: ignore[index]
