@@ -133,3 +133,27 @@ def test_search_shows_the_gallery_choice(world, sampling_model, tmp_path):
     for shown, c in zip(batch.cots, plain.cots, strict=True):
         candidates = [c, *c.samples]
         assert shown.raw == candidates[int(np.argmax(best(np.stack([x.embedding for x in candidates]))))].raw
+
+
+def test_the_cot_cache_keeps_the_greedy_cot(world, sampling_model, tmp_path):
+    """The eval's CoT cache stores each query's greedy CoT, not the one shown, so that a run without samples,
+    which reads the cache, embeds the CoT it would have generated."""
+    from circot.data.shapes import load
+    from circot.evaluate import evaluate_split
+
+    model = sampling_model
+    split = load(world, "val")
+    model.config.cot_choice = "gallery"
+    try:
+        chosen = evaluate_split(model, split, mode="full", cache_dir=tmp_path)
+    finally:
+        model.config.cot_choice = "greedy"
+    model.config.cot_samples = 0
+    try:
+        cached = evaluate_split(model, split, mode="full", cache_dir=tmp_path)
+        fresh = evaluate_split(model, split, mode="full", use_cache=False)
+    finally:
+        model.config.cot_samples = 4
+    assert cached.cache["cot_cached"] == len(split.queries)
+    assert [c.raw for c in cached.cots] == [c.raw for c in fresh.cots]
+    assert [c.raw for c in chosen.cots] != [c.raw for c in fresh.cots]  # a sample was shown in the first run

@@ -133,7 +133,8 @@ def _embed_queries_cached(
     """Query embeddings through :func:`circot.search.embed_queries`, in full mode with the CoTs found in
     ``cache`` given and the others generated (and stored); returns (embeddings, cots, cache hits). With the
     model's ``cot_samples`` > 0 nothing is read from the cache: a given CoT embeds alone, without the samples.
-    ``best_match``: the gallery's, for the shown CoT (:func:`circot.search.shown_cots`)."""
+    ``best_match``: the gallery's, for the shown CoT (:func:`circot.search.shown_cots`; None: the CoTs as
+    generated)."""
     from circot.search import embed_queries
 
     n = len(texts)
@@ -165,10 +166,10 @@ def _embed_queries_cached(
             [given[i] for i in rows],
             batch_size,
             reasoner,
-            best_match,
         )
         embeddings.append(q.embeddings)
-        cots.extend(q.cots)
+        # the cache keeps the greedy CoTs (a run without samples reads them); the one shown is chosen after
+        cots.extend(shown_cots(model, q.cots, best_match))
         if keys:
             for i, c, new in zip(rows, q.cots, q.generated, strict=True):
                 if new and c is not None:
