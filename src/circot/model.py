@@ -459,7 +459,10 @@ class CIRCoT(nn.Module):
         self, pixels: torch.Tensor, grids: torch.Tensor, prompt_ids: list[list[int]]
     ) -> list[int]:
         """One seed per query for its sampled CoTs: a hash of :data:`COT_SAMPLE_SEED`, the query image's pixels
-        (as preprocessed, one image's patches apart from another's) and its prompt's token ids."""
+        (as preprocessed, one image's patches apart from another's) and its prompt's token ids (zeros, unused,
+        while the config samples none)."""
+        if not self.config.cot_samples:
+            return [0] * len(prompt_ids)
         seeds = []
         patches = pixels.detach().float().cpu().split(grids.prod(-1).tolist())
         for image, ids in zip(patches, prompt_ids, strict=True):
