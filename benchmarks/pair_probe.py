@@ -171,8 +171,9 @@ def own_captions(
     """Greedy captions of ``n`` test-novel images with a held-out pair and ``n`` without, scored against their
     scene graphs."""
     from circot.data import load_split
+    from circot.data.shapes.cot import canonical_description
     from circot.data.shapes.loader import image_scenes
-    from circot.data.shapes.scene import pairs, parse_clause, scene_from_dict, split_clauses
+    from circot.data.shapes.scene import describe, pairs, parse_clause, scene_from_dict, split_clauses
     from circot.train.data import IDENTITY_TEXT
 
     split = load_split("shapes", str(world), SPLIT)
@@ -189,10 +190,10 @@ def own_captions(
         exact = 0
         objs = {k: {"objects": 0, "clause": 0, "shape": 0} for k in ("held_out", "seen")}
         for i, cot in zip(ids, cots, strict=True):
-            clauses = split_clauses(cot.caption or "")
+            clauses = split_clauses(cot.caption)
             read = {o.cell: o for o in map(parse_clause, clauses) if o is not None}
             gold = scenes[i]
-            exact += sorted(clauses) == sorted(o.a() for o in gold)
+            exact += canonical_description(cot.caption) == canonical_description(describe(gold))
             for o in gold:
                 c = objs["held_out" if o.pair in held else "seen"]
                 c["objects"] += 1
@@ -232,6 +233,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.captions < 0:
+        ap.error(f"--captions must be >= 0, got {args.captions}")
     torch.set_num_threads(args.threads)
     from circot.index import atomic_write_bytes
     from circot.model import CIRCoT

@@ -9,8 +9,9 @@
 The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
 table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the query settings val
 chose (benchmarks/fast_weight.py): the blend of the fast embedding into full mode's, the sampled CoTs averaged
-in, and which CoT is shown. Storing float16 halves the size; the model computes in float32 when loaded, and storing again what was loaded
-is lossless, so the fingerprint the table recorded stays the shipped model's.
+in, and which CoT is shown (benchmarks/cot_choice.py). Storing float16 halves the size; the model computes in
+float32 when loaded, and storing again what was loaded is lossless, so the fingerprint the table recorded stays
+the shipped model's.
 """
 
 from __future__ import annotations
