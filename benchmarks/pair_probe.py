@@ -13,7 +13,12 @@ Two measurements on the shapes world's test-novel split, whose scenes hold the w
    apart from colour lets a read-out trained on seen pairs read a held-out pair as well as a seen one.
 2. The language model, teacher-forced on the gold CoT of test-novel's queries: how often its next token after a
    colour word is the right shape, for held-out and seen pairs; and again with each such colour word replaced by a
-   colour that has no held-out pair (so that the word before the shape no longer rules the shape out).
+   colour that has no held-out pair (so that the word before the shape no longer rules the shape out). With
+   ``--contrast A1,A2,..`` also under visual contrastive decoding: the next token by (1 + a) log p(. | image) -
+   a log p(. | noised image), among the tokens whose p(. | image) is at least ``--plausibility`` times the most
+   likely one's (the noised image: 0.1 x pixels + 0.995 x Gaussian noise, seeded). If the right shape of a
+   held-out pair is held back by the language model's prior rather than by what the image shows, contrasting
+   against an image that shows nothing should bring it back.
 3. The model's own captions (``--captions N``): greedy full mode on N test-novel images that hold a held-out pair
    and N that hold none, each asked to keep the scene as it is (the training's identity rows). Scored per object
    (its clause in the caption, and the shape the caption gives its cell) and per image (every clause right).
@@ -107,11 +112,28 @@ def probe_accuracy(
     return out
 
 
+def contrast_argmax(
+    logits: torch.Tensor, null_logits: torch.Tensor, alpha: float, plausibility: float
+) -> torch.Tensor:
+    """Visual contrastive decoding's choice of next token, ``(...)`` from logits ``(..., vocab)``."""
+    lp, lpn = logits.float().log_softmax(-1), null_logits.float().log_softmax(-1)
+    score = (1 + alpha) * lp - alpha * lpn
+    keep = lp >= lp.max(-1, keepdim=True).values + torch.log(torch.tensor(plausibility))
+    return score.masked_fill(~keep, float("-inf")).argmax(-1)
+
+
 def lm_shape_after_color(
-    model: Any, world: Path, held: set[tuple[str, str]], batch_size: int
+    model: Any,
+    world: Path,
+    held: set[tuple[str, str]],
+    batch_size: int,
+    contrast: tuple[float, ...] = (),
+    plausibility: float = 0.1,
+    seed: int = 0,
 ) -> dict[str, dict[str, float | int | None]]:
     """Teacher-forced next-token accuracy on the shape word after a colour word, as written and with the colour
-    word replaced by one that has no held-out pair."""
+    word replaced by one that has no held-out pair, and under visual contrastive decoding at each ``contrast``
+    weight."""
     from circot.data import load_split
 
     tok = model.tokenizer
@@ -124,6 +146,9 @@ def lm_shape_after_color(
     queries = [q for q in split.queries if q.extras.get("gold_cot")]
     color_ids, shape_ids = torch.tensor(list(color_of)), torch.tensor(list(shape_of))
     counts = {k: {"n": 0, "right": 0, "n_replaced": 0, "right_replaced": 0} for k in ("held_out", "seen")}
+    for c in counts.values():
+        c.update({a: 0 for a in contrast})
+    gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for start in range(0, len(queries), batch_size):
             qs = queries[start : start + batch_size]
@@ -144,12 +169,22 @@ def lm_shape_after_color(
                 replaced[follows & (ids != neutral)] = neutral
             _, logits = model.embed_batch(batch)
             _, logits_r = model.embed_batch(dict(batch, input_ids=replaced))
-            for r, t in follows.nonzero().tolist():
+            if contrast:
+                pixels = batch["pixel_values"]
+                noised = 0.1 * pixels + 0.995 * torch.randn(pixels.shape, generator=gen)
+                _, logits_n = model.embed_batch(dict(batch, pixel_values=noised))
+                where = follows.nonzero(as_tuple=True)
+                chosen = {
+                    a: contrast_argmax(logits[where], logits_n[where], a, plausibility) for a in contrast
+                }
+            for j, (r, t) in enumerate(follows.nonzero().tolist()):
                 pair = (color_of[int(ids[r, t])], shape_of[int(ids[r, t + 1])])
                 c = counts["held_out" if pair in held else "seen"]
                 gold = int(ids[r, t + 1])
                 c["n"] += 1
                 c["right"] += int(logits[r, t].argmax()) == gold
+                for a in contrast:
+                    c[a] += int(chosen[a][j]) == gold
                 if int(replaced[r, t]) != int(ids[r, t]):
                     c["n_replaced"] += 1
                     c["right_replaced"] += int(logits_r[r, t].argmax()) == gold
@@ -161,7 +196,11 @@ def lm_shape_after_color(
             "replaced": c["n_replaced"],
             "right_after_neutral_colour": _pct(c["right_replaced"], c["n_replaced"]),
         }
+        if contrast:
+            out[kind]["contrastive"] = {str(a): _pct(c[a], c["n"]) for a in contrast}
     out["neutral_colour"] = {"word": free[0] if free else None}  # type: ignore[dict-item]
+    if contrast:
+        out["contrastive_decoding"] = {"plausibility": plausibility, "null_image": "0.1 x + 0.995 noise"}  # type: ignore[dict-item]
     return out
 
 
@@ -228,6 +267,12 @@ def main() -> None:
         default=0,
         help="also caption N test-novel images with and N without a held-out pair",
     )
+    ap.add_argument(
+        "--contrast",
+        default="",
+        help="comma-separated weights a: also score the LM test under visual contrastive decoding",
+    )
+    ap.add_argument("--plausibility", type=float, default=0.1, help="contrastive decoding's cutoff")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -235,6 +280,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.captions < 0:
         ap.error(f"--captions must be >= 0, got {args.captions}")
+    try:
+        contrast = tuple(float(a) for a in args.contrast.split(",") if a.strip())
+    except ValueError:
+        ap.error(f"--contrast must be comma-separated numbers, got {args.contrast!r}")
+    if any(a <= 0 for a in contrast) or not 0 < args.plausibility <= 1:
+        ap.error("--contrast weights must be > 0 and --plausibility in (0, 1]")
     torch.set_num_threads(args.threads)
     from circot.index import atomic_write_bytes
     from circot.model import CIRCoT
@@ -274,7 +325,9 @@ def main() -> None:
             train_probe(probe, f_train, train.labels, args.steps, args.seed)
             report["probes"][name] = probe_accuracy(probe, f_test, test.labels, held_cells)
     if not args.skip_lm:
-        report["language_model"] = lm_shape_after_color(model, args.world, held, args.batch_size)
+        report["language_model"] = lm_shape_after_color(
+            model, args.world, held, args.batch_size, contrast, args.plausibility, args.seed
+        )
     if args.captions:
         report["captions"] = own_captions(model, args.world, held, args.captions, args.batch_size)
     lines = [f"pair probe of {report['model']} [{report['fingerprint']}] on {args.world}/{SPLIT}"]
@@ -284,12 +337,14 @@ def main() -> None:
                 f"  {name:6s} probe, {kind:8s} objects {a['objects']:6d}: colour {a['color']}  shape {a['shape']}"
             )
     for kind, a in report.get("language_model", {}).items():
-        if kind != "neutral_colour":
+        if kind in ("held_out", "seen"):
             lines.append(
                 f"  LM, {kind:8s} shape words {a['shape_words']:5d}: right after its colour {a['right_after_its_colour']}"
                 f", after '{report['language_model']['neutral_colour']['word']}' instead"
                 f" {a['right_after_neutral_colour']} (of {a['replaced']})"
             )
+            for alpha, v in a.get("contrastive", {}).items():
+                lines.append(f"    contrastive decoding, a = {alpha}: {v}")
     for kind, a in report.get("captions", {}).items():
         objects = "  ".join(
             f"{k} objects {a[k]['objects']}: clause {a[k]['clause_right']} shape {a[k]['shape_right']}"
