@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,7 @@ def lm_shape_after_color(
     queries = [q for q in split.queries if q.extras.get("gold_cot")]
     color_ids, shape_ids = torch.tensor(list(color_of)), torch.tensor(list(shape_of))
     counts = {k: {"n": 0, "right": 0, "n_replaced": 0, "right_replaced": 0} for k in ("held_out", "seen")}
-    for c in counts.values():
-        c.update({a: 0 for a in contrast})
+    contrastive = {k: {"plausible": 0, **{str(a): 0 for a in contrast}} for k in counts}
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for start in range(0, len(queries), batch_size):
@@ -183,8 +183,12 @@ def lm_shape_after_color(
                 gold = int(ids[r, t + 1])
                 c["n"] += 1
                 c["right"] += int(logits[r, t].argmax()) == gold
-                for a in contrast:
-                    c[a] += int(chosen[a][j]) == gold
+                if contrast:
+                    v = contrastive["held_out" if pair in held else "seen"]
+                    lp = logits[r, t].float().log_softmax(-1)
+                    v["plausible"] += bool(lp[gold] >= lp.max() + math.log(plausibility))
+                    for a in contrast:
+                        v[str(a)] += int(chosen[a][j]) == gold
                 if int(replaced[r, t]) != int(ids[r, t]):
                     c["n_replaced"] += 1
                     c["right_replaced"] += int(logits_r[r, t].argmax()) == gold
@@ -197,7 +201,8 @@ def lm_shape_after_color(
             "right_after_neutral_colour": _pct(c["right_replaced"], c["n_replaced"]),
         }
         if contrast:
-            out[kind]["contrastive"] = {str(a): _pct(c[a], c["n"]) for a in contrast}
+            # "plausible": the right shape is among the tokens contrastive decoding may choose
+            out[kind]["contrastive"] = {a: _pct(r, c["n"]) for a, r in contrastive[kind].items()}
     out["neutral_colour"] = {"word": free[0] if free else None}  # type: ignore[dict-item]
     if contrast:
         out["contrastive_decoding"] = {"plausibility": plausibility, "null_image": "0.1 x + 0.995 noise"}  # type: ignore[dict-item]
@@ -344,7 +349,8 @@ def main() -> None:
                 f" {a['right_after_neutral_colour']} (of {a['replaced']})"
             )
             for alpha, v in a.get("contrastive", {}).items():
-                lines.append(f"    contrastive decoding, a = {alpha}: {v}")
+                what = "right shape plausible" if alpha == "plausible" else f"a = {alpha}"
+                lines.append(f"    contrastive decoding, {what}: {v}")
     for kind, a in report.get("captions", {}).items():
         objects = "  ".join(
             f"{k} objects {a[k]['objects']}: clause {a[k]['clause_right']} shape {a[k]['shape_right']}"
