@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pair_probe.py"
-
 
 @pytest.fixture(scope="module")
-def pair_probe():
-    spec = importlib.util.spec_from_file_location("pair_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def pair_probe(load_script):
+    return load_script("benchmarks/pair_probe.py")
 
 
 def _logits(*probs: float) -> torch.Tensor:

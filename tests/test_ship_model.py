@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "circot" / "assets" / "shapes-tiny"
 
 
 @pytest.fixture(scope="module")
-def ship_model():
-    spec = importlib.util.spec_from_file_location("ship_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def ship_model(load_script):
+    return load_script("scripts/ship_model.py")
 
 
 def _row(r1: float, steer: float, cot: dict | None = None) -> dict:
@@ -57,9 +53,8 @@ def test_a_table_of_another_model_is_refused(ship_model):
 def test_a_bad_setting_is_one_error_and_writes_nothing(
     ship_model, monkeypatch, tmp_path, option, value, message
 ):
-    shipped = SCRIPT.parents[1] / "src" / "circot" / "assets" / "shapes-tiny"
     dest = tmp_path / "shipped"
-    argv = ["ship_model.py", str(shipped), "--dest", str(dest), option, value]
+    argv = ["ship_model.py", str(SHIPPED), "--dest", str(dest), option, value]
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit, match=rf"^error: .*{message}"):
         ship_model.main()
