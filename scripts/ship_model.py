@@ -5,11 +5,14 @@
         --training "circot train --config configs/shapes-tiny-cot.yaml (...)"
     python scripts/ship_model.py src/circot/assets/shapes-tiny --fast-weight 0.3 [--cot-samples 2 \
         --sampling-temperature 0.7 --cot-choice gallery]
+    python scripts/ship_model.py src/circot/assets/shapes-tiny --soup runs/a/model [--soup runs/b/model]
 
 The first form ships a run's model; the second rewrites the shipped model's card with the figures the results
 table measured on it (row c, c°, c' and c* of benchmarks/results_table.py); the third sets the query settings val
 chose (benchmarks/fast_weight.py): the blend of the fast embedding into full mode's, the sampled CoTs averaged
-in, and which CoT is shown (benchmarks/cot_choice.py). Storing float16 halves the size; the model computes in
+in, and which CoT is shown (benchmarks/cot_choice.py). The fourth ships a weight average (a uniform "soup" of the
+model and each ``--soup`` model: the same architecture and tokenizer, e.g. runs continued from it); the config,
+tokenizer and query settings are the first model's. Storing float16 halves the size; the model computes in
 float32 when loaded, and storing again what was loaded is lossless, so the fingerprint the table recorded stays
 the shipped model's.
 """
@@ -20,6 +23,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 ROWS = {"c": "full", "c_cot": "full, <emb> of the CoT alone", "c_fast": "fast", "c_gold": "gold CoT"}
 METRICS = ("R@1", "R@5", "mAP@5")
@@ -58,6 +62,35 @@ def card_results(table: dict, fingerprint: str, training: str | None) -> dict[st
     return out
 
 
+def average_weights(model: Any, others: list[Any], names: list[Path]) -> None:
+    """Set ``model``'s weights to the uniform mean of its own and those of ``others``; exits naming the first
+    model directory whose tokenizer, tensor names, shapes or integer tensors differ."""
+    import torch
+
+    own = model.hf.state_dict()
+    vocab = model.tokenizer.get_vocab()
+    states = []
+    for other, name in zip(others, names, strict=True):
+        state = other.hf.state_dict()
+        if other.tokenizer.get_vocab() != vocab:
+            sys.exit(f"error: {name}: its tokenizer differs from the first model's")
+        one_only = sorted(own.keys() ^ state.keys())
+        if one_only:
+            sys.exit(f"error: {name}: tensor {one_only[0]} is in one model only")
+        for key, v in own.items():
+            if state[key].shape != v.shape:
+                sys.exit(
+                    f"error: {name}: tensor {key} has shape {tuple(state[key].shape)}, not {tuple(v.shape)}"
+                )
+            if not v.is_floating_point() and not torch.equal(state[key], v):
+                sys.exit(f"error: {name}: integer tensor {key} differs")
+        states.append(state)
+    with torch.no_grad():
+        for key, v in own.items():
+            if v.is_floating_point():
+                v.copy_(sum((s[key].float() for s in states), v.float()) / (1 + len(states)))
+
+
 def main() -> None:
     from circot.config import COT_CHOICES
 
@@ -76,6 +109,13 @@ def main() -> None:
     )
     ap.add_argument("--sampling-temperature", type=float, help="the temperature of those samples")
     ap.add_argument("--cot-choice", choices=COT_CHOICES, help="which of those CoTs full mode shows")
+    ap.add_argument(
+        "--soup",
+        type=Path,
+        action="append",
+        default=[],
+        help="a model to average in (repeatable): ship the uniform mean of the weights",
+    )
     args = ap.parse_args()
 
     from circot.errors import CircotError
@@ -92,6 +132,14 @@ def main() -> None:
         model = CIRCoT.from_pretrained(args.model, **over)
     except CircotError as e:
         sys.exit(f"error: {args.model}: {e}")
+    if args.soup:
+        others = []
+        for path in args.soup:
+            try:
+                others.append(CIRCoT.from_pretrained(path))
+            except CircotError as e:
+                sys.exit(f"error: {path}: {e}")
+        average_weights(model, others, args.soup)
     results = None
     if args.table:
         results = card_results(json.loads(args.table.read_text()), model.fingerprint, args.training)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "circot" / "assets" / "shapes-tiny"
 
@@ -57,5 +58,51 @@ def test_a_bad_setting_is_one_error_and_writes_nothing(
     argv = ["ship_model.py", str(SHIPPED), "--dest", str(dest), option, value]
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit, match=rf"^error: .*{message}"):
+        ship_model.main()
+    assert not dest.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from circot.model import CIRCoT
+
+    root = tmp_path_factory.mktemp("soup")
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "vision_depth": 1}
+    a = CIRCoT.tiny(seed=0, fast_weight=0.2, **small).save_pretrained(root / "a")
+    b = CIRCoT.tiny(seed=1, **small).save_pretrained(root / "b")
+    c = CIRCoT.tiny(seed=2, **small).save_pretrained(root / "c")
+    wide = CIRCoT.tiny(seed=3, **{**small, "intermediate_size": 96}).save_pretrained(root / "wide")
+    return {"a": a, "b": b, "c": c, "wide": wide}
+
+
+def test_a_soup_ships_the_mean_of_the_weights_with_the_first_models_settings(
+    ship_model, monkeypatch, tmp_path, tiny_dirs
+):
+    from circot.model import CIRCoT
+
+    dest = tmp_path / "soup"
+    argv = ["ship_model.py", str(tiny_dirs["a"]), "--dest", str(dest)]
+    monkeypatch.setattr("sys.argv", [*argv, "--soup", str(tiny_dirs["b"]), "--soup", str(tiny_dirs["c"])])
+    ship_model.main()
+    soup = CIRCoT.from_pretrained(dest)
+    parts = [CIRCoT.from_pretrained(tiny_dirs[k]).hf.state_dict() for k in "abc"]
+    got = soup.hf.state_dict()
+    assert soup.config.fast_weight == 0.2
+    for key, v in got.items():
+        if v.is_floating_point():
+            mean = sum(p[key] for p in parts) / 3
+            assert torch.allclose(v, mean.half().float(), atol=1e-6), key  # stored in float16
+    assert not torch.equal(got["lm_head.weight"], parts[0]["lm_head.weight"])
+
+
+def test_a_soup_of_another_architecture_is_one_error_and_writes_nothing(
+    ship_model, monkeypatch, tmp_path, tiny_dirs
+):
+    dest = tmp_path / "soup"
+    argv = ["ship_model.py", str(tiny_dirs["a"]), "--dest", str(dest), "--soup", str(tiny_dirs["wide"])]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(
+        SystemExit, match=r"^error: .*wide: tensor .*mlp.* has shape \(96, 32\), not \(64, 32\)"
+    ):
         ship_model.main()
     assert not dest.exists()
