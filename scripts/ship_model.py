@@ -85,9 +85,11 @@ def average_weights(model: Any, others: list[Any], names: list[Path]) -> None:
             if not v.is_floating_point() and not torch.equal(state[key], v):
                 sys.exit(f"error: {name}: integer tensor {key} differs")
         states.append(state)
+    done = set()  # tied tensors (e.g. embeddings and lm_head) share storage: average each storage once
     with torch.no_grad():
         for key, v in own.items():
-            if v.is_floating_point():
+            if v.is_floating_point() and v.data_ptr() not in done:
+                done.add(v.data_ptr())
                 v.copy_(sum((s[key].float() for s in states), v.float()) / (1 + len(states)))
 
 

@@ -106,3 +106,23 @@ def test_a_soup_of_another_architecture_is_one_error_and_writes_nothing(
     ):
         ship_model.main()
     assert not dest.exists()
+
+
+def test_a_soup_of_models_with_tied_embeddings_averages_each_tensor_once(ship_model, monkeypatch, tmp_path):
+    from circot.model import CIRCoT
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "vision_depth": 1}
+    dirs = [
+        CIRCoT.tiny(seed=s, tie_word_embeddings=True, **small).save_pretrained(tmp_path / f"t{s}")
+        for s in (0, 1)
+    ]
+    dest = tmp_path / "soup"
+    monkeypatch.setattr(
+        "sys.argv", ["ship_model.py", str(dirs[0]), "--dest", str(dest), "--soup", str(dirs[1])]
+    )
+    ship_model.main()
+    parts = [CIRCoT.from_pretrained(d).hf.state_dict() for d in dirs]
+    got = CIRCoT.from_pretrained(dest).hf.state_dict()
+    assert got["lm_head.weight"].data_ptr() == got["model.language_model.embed_tokens.weight"].data_ptr()
+    mean = (parts[0]["lm_head.weight"] + parts[1]["lm_head.weight"]) / 2
+    assert torch.allclose(got["lm_head.weight"], mean.half().float(), atol=1e-6)
