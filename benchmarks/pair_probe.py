@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,8 +118,12 @@ def contrast_argmax(
     """Visual contrastive decoding's choice of next token, ``(...)`` from logits ``(..., vocab)``."""
     lp, lpn = logits.float().log_softmax(-1), null_logits.float().log_softmax(-1)
     score = (1 + alpha) * lp - alpha * lpn
-    keep = lp >= lp.max(-1, keepdim=True).values + torch.log(torch.tensor(plausibility))
-    return score.masked_fill(~keep, float("-inf")).argmax(-1)
+    return score.masked_fill(~plausible(lp, plausibility), float("-inf")).argmax(-1)
+
+
+def plausible(log_probs: torch.Tensor, plausibility: float) -> torch.Tensor:
+    """The tokens contrastive decoding may choose: at least ``plausibility`` times as likely as the top one."""
+    return log_probs >= log_probs.max(-1, keepdim=True).values + torch.log(torch.tensor(plausibility))
 
 
 def lm_shape_after_color(
@@ -177,6 +180,9 @@ def lm_shape_after_color(
                 chosen = {
                     a: contrast_argmax(logits[where], logits_n[where], a, plausibility) for a in contrast
                 }
+                gold_next = ids[where[0], where[1] + 1]
+                keep = plausible(logits[where].float().log_softmax(-1), plausibility)
+                within = keep.gather(-1, gold_next[:, None]).squeeze(-1)
             for j, (r, t) in enumerate(follows.nonzero().tolist()):
                 pair = (color_of[int(ids[r, t])], shape_of[int(ids[r, t + 1])])
                 c = counts["held_out" if pair in held else "seen"]
@@ -185,8 +191,7 @@ def lm_shape_after_color(
                 c["right"] += int(logits[r, t].argmax()) == gold
                 if contrast:
                     v = contrastive["held_out" if pair in held else "seen"]
-                    lp = logits[r, t].float().log_softmax(-1)
-                    v["plausible"] += bool(lp[gold] >= lp.max() + math.log(plausibility))
+                    v["plausible"] += bool(within[j])
                     for a in contrast:
                         v[str(a)] += int(chosen[a][j]) == gold
                 if int(replaced[r, t]) != int(ids[r, t]):
