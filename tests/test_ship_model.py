@@ -8,6 +8,7 @@ import pytest
 import torch
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "circot" / "assets" / "shapes-tiny"
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "vision_depth": 1}
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +68,10 @@ def tiny_dirs(tmp_path_factory):
     from circot.model import CIRCoT
 
     root = tmp_path_factory.mktemp("soup")
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "vision_depth": 1}
-    a = CIRCoT.tiny(seed=0, fast_weight=0.2, **small).save_pretrained(root / "a")
-    b = CIRCoT.tiny(seed=1, **small).save_pretrained(root / "b")
-    c = CIRCoT.tiny(seed=2, **small).save_pretrained(root / "c")
-    wide = CIRCoT.tiny(seed=3, **{**small, "intermediate_size": 96}).save_pretrained(root / "wide")
+    a = CIRCoT.tiny(seed=0, fast_weight=0.2, **SMALL).save_pretrained(root / "a")
+    b = CIRCoT.tiny(seed=1, **SMALL).save_pretrained(root / "b")
+    c = CIRCoT.tiny(seed=2, **SMALL).save_pretrained(root / "c")
+    wide = CIRCoT.tiny(seed=3, **{**SMALL, "intermediate_size": 96}).save_pretrained(root / "wide")
     return {"a": a, "b": b, "c": c, "wide": wide}
 
 
@@ -111,9 +111,8 @@ def test_a_soup_of_another_architecture_is_one_error_and_writes_nothing(
 def test_a_soup_of_models_with_tied_embeddings_averages_each_tensor_once(ship_model, monkeypatch, tmp_path):
     from circot.model import CIRCoT
 
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "vision_depth": 1}
     dirs = [
-        CIRCoT.tiny(seed=s, tie_word_embeddings=True, **small).save_pretrained(tmp_path / f"t{s}")
+        CIRCoT.tiny(seed=s, tie_word_embeddings=True, **SMALL).save_pretrained(tmp_path / f"t{s}")
         for s in (0, 1)
     ]
     dest = tmp_path / "soup"
